@@ -1,0 +1,212 @@
+"""Llama decoder (weight names as in transformers' `LlamaForCausalLM`) over a slot KV cache.
+
+Two entry points, both taking input embeddings so that image rows can be spliced in:
+`prefill` runs one sequence's chunk of positions; `decode` runs one new token for each of B
+sequences held in cache slots 0..B-1, as ONE batched forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SliMEConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(cfg: SliMEConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[hd/2]` and the attention scaling, for default/linear/llama3 RoPE."""
+    dim = cfg.dim_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: SliMEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.dim_head
+        d, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                step: "Step") -> torch.Tensor:
+        b, t, _ = x.shape  # [B, T, D]
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
+        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, Hkv, Tmax, hd]
+        if step.positions is not None:  # decode: sequence i sits in slot i
+            ck[step.slots, :, step.positions] = k[:, :, 0]
+            cv[step.slots, :, step.positions] = v[:, :, 0]
+            k, v = ck[:b, :, :step.length], cv[:b, :, :step.length]
+        else:
+            ck[step.slot, :, step.start:step.start + t] = k[0]
+            cv[step.slot, :, step.start:step.start + t] = v[0]
+            if step.start:
+                k = ck[step.slot:step.slot + 1, :, :step.start + t]
+                v = cv[step.slot:step.slot + 1, :, :step.start + t]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: SliMEConfig):
+        super().__init__()
+        d, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, i, bias=b)
+        self.up_proj = nn.Linear(d, i, bias=b)
+        self.down_proj = nn.Linear(i, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: SliMEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, step):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: SliMEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: SliMEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- RoPE tables -----------------------------------------------------------------------------
+    def rope_tables(self, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[max_len, hd]` float32, built once (grown when a longer context is needed)."""
+        if self._rope is None or self._rope[0].shape[0] < max_len or self._rope[0].device != device:
+            inv_freq, scale = rope_inv_freq(self.cfg)
+            t = torch.arange(max_len, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope = ((emb.cos() * scale).to(device), (emb.sin() * scale).to(device))
+        return self._rope
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, length: int):
+        cos, sin = self.rope_tables(length, positions.device)
+        # [B, T] -> [B, 1, T, hd], cast to the activations' dtype as transformers does
+        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def _run(self, x, positions, cache, step, length: int) -> torch.Tensor:
+        cos, sin = self._cos_sin(positions, x.dtype, length)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, step)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, cache: KVCache, *, slot: int, start: int) -> torch.Tensor:
+        """One sequence's positions `start..start+T-1`: embeds `[T, D]` -> last hidden `[D]`.
+
+        From position 0 the chunk attends to itself (plain causal attention, as a whole-prompt
+        forward does); later chunks attend to the cached prefix as well.
+        """
+        t = embeds.shape[0]
+        device = embeds.device
+        positions = torch.arange(start, start + t, device=device).unsqueeze(0)  # [1, T]
+        mask = None
+        if start:
+            keys = torch.arange(start + t, device=device).view(1, -1)
+            mask = (keys <= positions.view(t, 1)).view(1, 1, t, start + t)
+        step = Step(slot=slot, start=start, mask=mask, causal=start == 0)
+        return self._run(embeds.unsqueeze(0), positions, cache, step, start + t)[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, embeds: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
+        """One token for each of B sequences in slots 0..B-1 as one forward.
+
+        embeds `[B, D]`, positions (where each new token goes, known on the host) -> hidden `[B, D]`.
+        """
+        b = embeds.shape[0]
+        device = embeds.device
+        length = max(positions) + 1
+        pos = torch.tensor(positions, device=device)
+        mask = None  # all at one length: every cached key up to `length` is valid
+        if min(positions) != length - 1:
+            mask = (torch.arange(length, device=device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, length)
+        step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask)
+        return self._run(embeds.unsqueeze(1), pos.view(b, 1), cache, step, length)[:, 0]
+
+
+@dataclass
+class Step:
+    """Where one forward reads and writes the cache."""
+
+    slot: int = 0  # prefill: the sequence's slot and first position
+    start: int = 0
+    slots: torch.Tensor | None = None  # decode: `[B]` slots (0..B-1) and new positions `[B]`
+    positions: torch.Tensor | None = None
+    length: int = 0  # decode: keys read per sequence
+    mask: torch.Tensor | None = None  # boolean, True = attend
+    causal: bool = False

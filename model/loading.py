@@ -1,0 +1,240 @@
+"""Loading a checkpoint in the official layout onto a device, memory-frugally.
+
+Modules are built on the meta device; each tensor is then read on its own (memory-mapped),
+converted straight to the target dtype and device and assigned. No float32 copy of the whole
+model ever exists on the way to bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import TensorSource, weight_files
+from .config import SliMEConfig, VisionConfig
+from .modeling import SliMEForCausalLM
+from .templates import detect_template
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VISION_PREFIX = "model.vision_tower.vision_tower."
+# Keys official checkpoints carry that inference does not use.
+_IGNORED_SUFFIXES = ("mm_projector.w_noise", "mm_projector.mean", "mm_projector.std", "rotary_emb.inv_freq",
+                     "vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias",
+                     "vision_model.embeddings.position_ids")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used; the message says why."""
+
+
+@dataclass
+class LoadOptions:
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    quantization: str = "none"  # none | 8bit | 4bit
+    allow_download: bool = False
+    attention: str = "auto"  # auto | sdpa | flash_attention_2
+
+
+@dataclass
+class LoadedModel:
+    model: SliMEForCausalLM
+    tokenizer: Any
+    cfg: SliMEConfig
+    template: str
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        if self.template == "llama3" and "<|eot_id|>" in vocab:
+            ids.add(vocab["<|eot_id|>"])
+        return sorted(ids)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was asked for but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_vision_tower(name: str, ckpt_dir: Path, *, allow_download: bool) -> Path:
+    """`mm_vision_tower` -> a local directory: relative to the checkpoint, then the working
+    directory; a hub id only when downloads are allowed."""
+    candidates = [Path(name)] if os.path.isabs(name) else [ckpt_dir / name, Path.cwd() / name]
+    for c in candidates:
+        if (c / "config.json").exists():
+            return c
+    if allow_download:
+        from huggingface_hub import snapshot_download
+
+        log.info("downloading vision tower %s", name)
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+    raise CheckpointError(
+        f"vision tower {name!r} (mm_vision_tower) is neither in the checkpoint's weights nor a local "
+        f"directory (looked in {', '.join(str(c) for c in candidates)}). Download it with "
+        f"`python -m weights.download` or allow downloads.")
+
+
+def infer_vision_config(src: TensorSource, prefix: str) -> VisionConfig:
+    """CLIP hyper-parameters from tensor shapes, for checkpoints that embed the tower without its config."""
+    hidden = src.shape(prefix + "vision_model.embeddings.class_embedding")[0]
+    patch = src.shape(prefix + "vision_model.embeddings.patch_embedding.weight")[-1]
+    positions = src.shape(prefix + "vision_model.embeddings.position_embedding.weight")[0]
+    layer_ids = {int(k[len(prefix + "vision_model.encoder.layers."):].split(".")[0])
+                 for k in src.items_with_prefix(prefix + "vision_model.encoder.layers.")}
+    inter = src.shape(prefix + "vision_model.encoder.layers.0.mlp.fc1.weight")[0]
+    return VisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=len(layer_ids),
+                        num_attention_heads=max(1, hidden // 64), patch_size=patch,
+                        image_size=int(math.isqrt(positions - 1)) * patch)
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+    else:
+        owner.register_buffer(attr, value)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer reads config.json and warns that `llava_llama` is not a transformers model type.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedModel:
+    """Load a SliME / LLaVA checkpoint directory. Raises `CheckpointError` with every missing,
+    unexpected and mis-shaped key when the weights do not fit the config."""
+    opts = options or LoadOptions()
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+    cfg = SliMEConfig.from_file(path)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    main = TensorSource(weight_files(path))
+    sources: dict[str, TensorSource] = {"": main}
+    vision_cfg = cfg.vision
+    tower_prefix = VISION_PREFIX
+    tower_src = main
+    if cfg.is_multimodal:
+        has_tower = any(True for _ in main.items_with_prefix(VISION_PREFIX))
+        if not has_tower:
+            assert cfg.mm_vision_tower is not None
+            tower_dir = resolve_vision_tower(cfg.mm_vision_tower, path, allow_download=opts.allow_download)
+            tower_src = TensorSource(weight_files(tower_dir))
+            sources["tower"] = tower_src
+            tower_prefix = ""
+            with open(tower_dir / "config.json", encoding="utf-8") as f:
+                vision_cfg = VisionConfig.from_dict(json.load(f))
+        elif vision_cfg is None:
+            vision_cfg = infer_vision_config(main, VISION_PREFIX)
+    try:
+        with torch.device("meta"):
+            model = SliMEForCausalLM(cfg, vision_cfg)
+        _load_weights(model, cfg, main, tower_src, tower_prefix, device=device, dtype=dtype)
+    finally:
+        for s in sources.values():
+            s.close()
+    model.eval()
+    if opts.quantization != "none":
+        from .quantization import quantize_llm
+
+        quantize_llm(model.llm, opts.quantization, compute_dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
+    template = detect_template(tokenizer.get_vocab())
+    stats = {"load_seconds": time.perf_counter() - t0,
+             "parameters": sum(p.numel() for p in model.parameters())}
+    return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats)
+
+
+def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource, tower: TensorSource,
+                  tower_prefix: str, *, device: torch.device, dtype: torch.dtype) -> None:
+    names = model.checkpoint_names()
+    expected = dict(model.named_parameters())
+    missing: list[str] = []
+    misshaped: list[str] = []
+    used: set[str] = set()
+    for ours, theirs in names.items():
+        src = main
+        key = theirs
+        if theirs.startswith(VISION_PREFIX) and tower is not main:
+            src, key = tower, tower_prefix + theirs[len(VISION_PREFIX):]
+        if key not in src and ours == "llm.lm_head.weight" and cfg.tie_word_embeddings:
+            key = "model.embed_tokens.weight"
+        if key not in src:
+            missing.append(key)
+            continue
+        if src is main:
+            used.add(key)
+        want = tuple(expected[ours].shape)
+        got = src.shape(key)
+        if got != want:
+            misshaped.append(f"{key}: checkpoint {list(got)}, model {list(want)}")
+            continue
+        tensor = src.get(key)
+        # pos_embed stays float16 (the reference keeps it so); everything else takes the model dtype.
+        target = torch.float16 if ours.endswith("pos_embed") else dtype
+        _set_tensor(model, ours, tensor.to(device=device, dtype=target))
+    unexpected = [k for k in main.keys() if k not in used and not _ignorable(k, model)]
+    if missing or misshaped or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                         f"{' ...' if len(unexpected) > 20 else ''}")
+        if misshaped:
+            parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped[:20])}")
+        raise CheckpointError("checkpoint does not match its config: " + " | ".join(parts))
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"parameters left unloaded: {', '.join(still_meta)}")
+
+
+def _ignorable(key: str, model: SliMEForCausalLM) -> bool:
+    if key.endswith(_IGNORED_SUFFIXES):
+        return True
+    if key.startswith(VISION_PREFIX + "vision_model.encoder.layers.") and model.vision_tower is not None:
+        layer = int(key[len(VISION_PREFIX + "vision_model.encoder.layers."):].split(".")[0])
+        return layer >= model.vision_tower.num_layers_used  # layers after the selected one never run
+    return key.startswith("model.vision_tower.") and model.vision_tower is not None and "text_model" in key

@@ -1,0 +1,71 @@
+"""Prompt tokenisation with image slots, the way the reference's `tokenizer_image_token` does it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .config import IMAGE_TOKEN_INDEX
+from .templates import IMAGE, Piece
+
+
+def split_at_images(pieces: Sequence[Piece]) -> list[str]:
+    """Prompt pieces -> the text chunks between image slots (num_images + 1 chunks)."""
+    chunks = [""]
+    for p in pieces:
+        if p is IMAGE:
+            chunks.append("")
+        else:
+            chunks[-1] += p  # type: ignore[operator]
+    return chunks
+
+
+def tokenize_prompt(tokenizer: Any, pieces: Sequence[Piece]) -> list[int]:
+    """Tokenise each text chunk on its own (with BOS), drop the BOS of all but the first and join
+    the chunks with `IMAGE_TOKEN_INDEX` (-200) placeholders."""
+    chunk_ids = [tokenizer(chunk).input_ids for chunk in split_at_images(pieces)]
+    bos = tokenizer.bos_token_id
+    offset = 1 if chunk_ids[0] and bos is not None and chunk_ids[0][0] == bos else 0
+    ids: list[int] = chunk_ids[0][:offset]
+    for i, chunk in enumerate(chunk_ids):
+        if i:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Where the text runs and image slots sit in a tokenised prompt."""
+
+    text_ids: list[int]  # every non-image token, in order
+    image_positions: list[int]  # index in `input_ids` of each placeholder
+
+    @classmethod
+    def of(cls, input_ids: Sequence[int]) -> "PromptLayout":
+        return cls(text_ids=[t for t in input_ids if t != IMAGE_TOKEN_INDEX],
+                   image_positions=[i for i, t in enumerate(input_ids) if t == IMAGE_TOKEN_INDEX])
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready for the vision tower (CPU-side work done)."""
+
+    pixels: Any  # np.ndarray `[views, 3, 336, 336]` float32
+    grid: tuple[int, int] | None  # (cols, rows); None for single-view LLaVA images
+    size: tuple[int, int]  # original (width, height)
+    digest: str  # content hash of the normalised pixels (vision-cache key)
+
+
+def prepare_image(image: Any, cfg: Any) -> PreparedImage:
+    """RGB PIL image -> pixels per the checkpoint's `image_aspect_ratio` (SliME: `anyres` slicing)."""
+    import hashlib
+
+    from .slicing import preprocess, preprocess_single
+
+    if cfg.has_local_branch or cfg.image_aspect_ratio == "anyres":
+        pixels, grid = preprocess(image)
+    else:
+        pixels, grid = preprocess_single(image, pad=cfg.image_aspect_ratio == "pad"), None
+    digest = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
+    return PreparedImage(pixels, grid, image.size, digest)

@@ -1,0 +1,112 @@
+"""Sampling parameters and a batched sampler (greedy, temperature, top-k/top-p, penalties, seeds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class SequenceSampler:
+    """Per-sequence sampling state: its params, its RNG, and the counts penalties need."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], device: torch.device):
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() % (2**63))
+        self.counts: torch.Tensor | None = None  # [V] generated-token counts
+        self.seen: set[int] = set(t for t in prompt_ids if t >= 0) if params.repetition_penalty != 1.0 else set()
+
+    def observe(self, token: int, vocab: int, device: torch.device) -> None:
+        if not self.params.penalised:
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(vocab, device=device)
+        self.counts[token] += 1
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token)
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """Penalties on one row `[V]` (returns a new tensor)."""
+        p = self.params
+        logits = logits.clone()
+        if p.repetition_penalty != 1.0 and self.seen:
+            ids = torch.tensor(sorted(self.seen), device=logits.device)
+            vals = logits[ids]
+            logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if self.counts is not None and (p.presence_penalty or p.frequency_penalty):
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
+        return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[SequenceSampler]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits `[B, V]` float32 -> one token per row (one host sync for the whole batch)."""
+    b, vocab = logits.shape
+    if any(s.params.penalised for s in seqs):
+        logits = torch.stack([s.adjust(logits[i]) if s.params.penalised else logits[i] for i, s in enumerate(seqs)])
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled:
+        tokens = tokens.clone()
+        for i in sampled:
+            p = seqs[i].params
+            row = logits[i] / p.temperature
+            if 0 < p.top_k < vocab:
+                kth = torch.topk(row, p.top_k).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_row, order = torch.sort(row, descending=True)
+                probs = torch.softmax(sorted_row, dim=-1)
+                # drop tokens once the mass before them already reaches top_p (always keep one)
+                drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+                row = row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+            probs = torch.softmax(row, dim=-1)
+            tokens[i] = torch.multinomial(probs, 1, generator=seqs[i].generator)[0]
+    token_list = tokens.tolist()
+    infos: list[TokenLogprob | None] = [None] * b
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs]
+    if want:
+        logp = torch.log_softmax(logits[want].float(), dim=-1)
+        for j, i in enumerate(want):
+            k = seqs[i].params.top_logprobs
+            top: list[tuple[int, float]] = []
+            if k:
+                v, ix = torch.topk(logp[j], k)
+                top = list(zip(ix.tolist(), v.tolist()))
+            infos[i] = TokenLogprob(token_list[i], float(logp[j, token_list[i]]), top)
+    for s, t in zip(seqs, token_list):
+        s.observe(t, vocab, logits.device)
+    return token_list, infos

@@ -1,0 +1,141 @@
+"""SliME's image slicing: grid choice, global view, local tiles and token counts (spec section 2).
+
+Pure PIL/numpy: no torch, no model. The token-count functions here are what the scheduler uses
+before any GPU work, so they must agree with what the model produces (tests check that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+VIEW_SIZE = 336  # CLIP input side S
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_GRID_CELLS = 6
+
+
+def _factor_pairs(m: int) -> list[tuple[int, int]]:
+    """(cols, rows) with cols * rows == m, cols ascending."""
+    return [(c, m // c) for c in range(1, m + 1) if m % c == 0]
+
+
+def candidate_grids(width: int, height: int, *, view_size: int = VIEW_SIZE) -> list[tuple[int, int]]:
+    """Candidate (cols, rows) grids in the reference's enumeration order."""
+    n = math.ceil(width * height / (view_size * view_size))
+    if n > MAX_GRID_CELLS:
+        n = MAX_GRID_CELLS
+    elif n == 1:
+        n = 2
+    counts = [n, n + 1] if n <= 2 else [n - 1, n, n + 1]
+    return [pair for m in counts for pair in _factor_pairs(m)]
+
+
+def choose_grid(width: int, height: int, *, view_size: int = VIEW_SIZE) -> tuple[int, int]:
+    """The (cols, rows) grid that keeps the most resolution, then wastes the least; first on ties."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width} x {height}")
+    best: tuple[int, int] | None = None
+    best_effective, best_wasted = 0, math.inf
+    for cols, rows in candidate_grids(width, height, view_size=view_size):
+        tw, th = cols * view_size, rows * view_size
+        f = min(tw / width, th / height)
+        effective = min(int(width * f) * int(height * f), width * height)
+        wasted = tw * th - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cols, rows), effective, wasted
+    assert best is not None
+    return best
+
+
+def resized_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """Size of the image inside the padded canvas; keeps the reference's float-operation order."""
+    tw, th = target
+    sw, sh = tw / width, th / height
+    if sw < sh:
+        return tw, min(math.ceil(height * sw), th)
+    return min(math.ceil(width * sh), tw), th
+
+
+@dataclass(frozen=True)
+class ImageTokenCount:
+    """Tokens an image contributes before selection (a pure function of its size)."""
+
+    grid: tuple[int, int]  # (cols, rows)
+    num_views: int  # 1 global + cols * rows tiles
+    global_tokens: int  # 576
+    local_tokens: int  # cols * rows * 144, before selection
+
+
+def count_image_tokens(width: int, height: int, *, num_patches: int = 576, local_per_tile: int = 144,
+                       has_local: bool = True, view_size: int = VIEW_SIZE) -> ImageTokenCount:
+    cols, rows = choose_grid(width, height, view_size=view_size)
+    tiles = cols * rows
+    return ImageTokenCount(grid=(cols, rows), num_views=1 + tiles, global_tokens=num_patches,
+                           local_tokens=tiles * local_per_tile if has_local else 0)
+
+
+def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[list[Image.Image], tuple[int, int]]:
+    """RGB image -> ([global view, tile_0, ..., tile_{P-1}], (cols, rows)), tiles in raster order."""
+    width, height = image.size
+    cols, rows = choose_grid(width, height, view_size=view_size)
+    tw, th = cols * view_size, rows * view_size
+    nw, nh = resized_size(width, height, (tw, th))
+    canvas = Image.new("RGB", (tw, th), (0, 0, 0))
+    canvas.paste(image.resize((nw, nh), Image.Resampling.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+    tiles = [canvas.crop((c * view_size, r * view_size, (c + 1) * view_size, (r + 1) * view_size))
+             for r in range(rows) for c in range(cols)]
+    global_view = image.resize((view_size, view_size), Image.Resampling.BICUBIC)
+    return [global_view, *tiles], (cols, rows)
+
+
+def _normalisation_lut() -> np.ndarray:
+    """[3, 256] float32: CLIP's rescale (float64 x/255 -> float32) then (x - mean) / std in float32.
+
+    Every uint8 value maps to one float, so a table lookup gives the CLIP processor's exact numbers.
+    """
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
+    return ((scaled[None, :] - mean) / std).astype(np.float32)
+
+
+_LUT = _normalisation_lut()
+
+
+def normalise_views(views: list[Image.Image]) -> np.ndarray:
+    """Views of S x S -> `[views, 3, S, S]` float32 normalised pixels."""
+    arr = np.stack([np.asarray(v, dtype=np.uint8) for v in views])  # [V, S, S, 3]
+    out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
+    for c in range(3):
+        out[:, c] = _LUT[c][arr[..., c]]
+    return out
+
+
+def preprocess(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> (`[1 + cols*rows, 3, S, S]` float32, (cols, rows))."""
+    views, grid = slice_image(image, view_size=view_size)
+    return normalise_views(views), grid
+
+
+def preprocess_single(image: Image.Image, *, pad: bool, view_size: int = VIEW_SIZE) -> np.ndarray:
+    """LLaVA-1.5 single view: (`pad`: centre on a mean-colour square) then CLIP's shortest-edge
+    resize and centre crop -> `[1, 3, S, S]`."""
+    if pad and image.width != image.height:
+        side = max(image.size)
+        fill = tuple(int(m * 255) for m in CLIP_MEAN)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(view_size * long / short)
+    size = (view_size, new_long) if w <= h else (new_long, view_size)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - view_size) // 2, (image.height - view_size) // 2
+    image = image.crop((left, top, left + view_size, top + view_size))
+    return normalise_views([image])

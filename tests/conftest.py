@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny checkpoints built once per session, and the two shared photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = ROOT.parent / "shared" / "images"
+
+
+def photo(name: str) -> Path:
+    path = SHARED_IMAGES / name
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from weights.make_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory) -> Path:
+    from weights.make_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-llama3", template="llama3", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_dir):
+    from model.loading import LoadOptions, load_model
+
+    return load_model(tiny_dir, LoadOptions(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def ironing():
+    from model.images import load_image
+
+    return load_image(photo("extreme_ironing.jpg"))
+
+
+@pytest.fixture(scope="session")
+def waterview():
+    from model.images import load_image
+
+    return load_image(photo("waterview.jpg"))

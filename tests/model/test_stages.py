@@ -1,0 +1,189 @@
+"""Model stages against straightforward re-computations and against transformers' own modules."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.adapters import GatedProjector
+from model.kv_cache import KVCache
+from model.resampler import Resampler, interpolate_pos_embed, sincos_pos_embed_2d
+from model.selection import select_tokens, selection_scores
+from model.slicing import count_image_tokens
+
+
+def test_sincos_table_layout():
+    t = sincos_pos_embed_2d(8, 3)  # E/4 = 2 frequencies: w = [1, 1/100]
+    row, col = 1, 2
+    e = t[row * 3 + col]
+    assert np.allclose(e[:4], [math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)], atol=1e-6)
+    assert np.allclose(e[4:], [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100)], atol=1e-6)
+
+
+def _random_resampler(grid, dim, heads, seed=0):
+    torch.manual_seed(seed)
+    r = Resampler(grid_size=grid, embed_dim=dim, num_heads=heads, kv_dim=dim)
+    with torch.no_grad():
+        r.query.normal_()
+        r.pos_embed.copy_(torch.from_numpy(sincos_pos_embed_2d(dim, grid)).half())
+        for ln in (r.ln_q, r.ln_kv, r.ln_post):
+            ln.weight.normal_(1, 0.1)
+            ln.bias.normal_(0, 0.1)
+    return r.eval()
+
+
+def test_resampler_matches_explicit_attention():
+    r = _random_resampler(grid=3, dim=8, heads=2)
+    x = torch.randn(2, 16, 8)  # 4 x 4 keys, interpolated positions
+    out = r(x)
+    # explicit recomputation
+    pos_k = F.interpolate(r.pos_embed.float().reshape(1, 3, 3, 8).permute(0, 3, 1, 2), size=(4, 4), mode="bicubic",
+                          align_corners=False).permute(0, 2, 3, 1).reshape(16, 8).half().float()
+    kv = F.layer_norm(x, (8,), r.ln_kv.weight, r.ln_kv.bias, 1e-6)
+    q = F.layer_norm(r.query, (8,), r.ln_q.weight, r.ln_q.bias, 1e-6) + r.pos_embed.float()
+    wq, wk, wv = r.attn.in_proj_weight.chunk(3)
+    bq, bk, bv = r.attn.in_proj_bias.chunk(3)
+    outs = []
+    for n in range(2):
+        qh = (q @ wq.T + bq).view(9, 2, 4).transpose(0, 1)
+        kh = ((kv[n] + pos_k) @ wk.T + bk).view(16, 2, 4).transpose(0, 1)
+        vh = (kv[n] @ wv.T + bv).view(16, 2, 4).transpose(0, 1)
+        att = torch.softmax(qh @ kh.transpose(1, 2) / 2.0, dim=-1) @ vh
+        o = att.transpose(0, 1).reshape(9, 8) @ r.attn.out_proj.weight.T + r.attn.out_proj.bias
+        outs.append(F.layer_norm(o, (8,), r.ln_post.weight, r.ln_post.bias, 1e-6))
+    assert out.shape == (2, 9, 8)
+    assert torch.allclose(out, torch.stack(outs), atol=1e-5)
+
+
+def test_same_size_interpolation_is_identity():
+    pos = torch.from_numpy(sincos_pos_embed_2d(16, 24)).half()
+    assert torch.equal(interpolate_pos_embed(pos, 24), pos)
+
+
+def test_gate_mixes_two_experts():
+    from model.config import SliMEConfig
+
+    cfg = SliMEConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, mm_hidden_size=128, mm_projector_type="gated")
+    torch.manual_seed(0)
+    p = GatedProjector(cfg).eval()
+    with torch.no_grad():
+        p.w_gate.normal_(0, 0.1)
+        p.attn.query.normal_()
+    g = torch.randn(1, 576, 128)
+    out = p(g)
+    e0 = p.projection(g)
+    e1 = p.projection(p.attn(g))
+    probs = torch.softmax(g @ p.w_gate, dim=-1)
+    gates = probs / (probs.sum(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(out, gates[..., :1] * e0 + gates[..., 1:] * e1, atol=1e-5)
+    # other lengths (local tokens) use expert 0 alone
+    loc = torch.randn(3, 144, 128)
+    assert torch.equal(p(loc), p.projection(loc))
+    p.learnable_gated = 1
+    assert torch.allclose(p(g), e1)
+
+
+def test_selector_against_naive_recomputation():
+    torch.manual_seed(0)
+    local = torch.randn(50, 8)
+    text = torch.randn(7, 8) + 2.0
+    scores = selection_scores(local, text, num_pad=1)
+    naive = torch.tensor([sum(float(F.cosine_similarity(v, t, dim=0)) for t in text) for v in local])
+    assert torch.allclose(scores, naive, atol=1e-5)
+    keep = select_tokens(scores, topp=0.95, temp=1.0)
+    probs = torch.softmax(naive, 0).tolist()
+    order = sorted(range(50), key=lambda i: -probs[i])
+    cum, c = 0.0, 0
+    for i in order:
+        cum += probs[i]
+        if cum <= 0.95:
+            c += 1
+    expect = sorted(order[:c + 1]) if c < 50 else list(range(50))
+    assert keep.tolist() == expect
+    assert 0 < len(expect) < 50
+
+
+def test_selector_keeps_all_when_mass_never_passes():
+    keep = select_tokens(torch.zeros(4), topp=1.5, temp=1.0)
+    assert keep.tolist() == [0, 1, 2, 3]
+
+
+def test_spatial_order_and_token_counts_match_model(tiny_lm, ironing):
+    from model.processor import prepare_image
+
+    lm = tiny_lm
+    for size in [(90, 60), (336, 336), (500, 1500), (4000, 300), (1000, 700)]:
+        img = ironing.resize(size)
+        prep = prepare_image(img, lm.cfg)
+        count = count_image_tokens(*size)
+        feats = lm.model.encode_images([torch.from_numpy(prep.pixels)], [prep.grid])[0]
+        assert prep.grid == count.grid
+        assert feats.global_rows.shape[0] == count.global_tokens
+        assert feats.local_rows.shape[0] == count.local_tokens
+    # spatial order: local row index = (tile_row*12 + y) * (cols*12) + tile_col*12 + x
+    prep = prepare_image(ironing.resize((1000, 700)), lm.cfg)
+    cols, rows = prep.grid
+    px = torch.from_numpy(prep.pixels)
+    feats = lm.model.encode_images([px], [prep.grid])[0]
+    with torch.inference_mode():
+        per_tile = lm.model.mm_projector.project(lm.model.post_qformer(lm.model.vision_tower(px[1:])))
+    tile = 1 * cols + 2  # tile at row 1, col 2
+    y, x = 5, 7
+    idx = (1 * 12 + y) * (cols * 12) + 2 * 12 + x
+    assert torch.equal(feats.local_rows[idx], per_tile[tile, y * 12 + x])
+
+
+def test_clip_tower_matches_transformers(tiny_dir, tiny_lm):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    tower_dir = tiny_dir / "clip-vit-tiny-patch14-336"
+    ref = transformers.CLIPVisionModel(transformers.CLIPVisionConfig.from_pretrained(tower_dir)).eval()
+    sd = load_file(tower_dir / "model.safetensors")
+    own = set(ref.state_dict())
+    # transformers 5 names the module's tensors without the checkpoint's `vision_model.` prefix
+    sd = {k if k in own else k.removeprefix("vision_model."): v for k, v in sd.items()}
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+    px = torch.randn(2, 3, 336, 336)
+    with torch.inference_mode():
+        expect = ref(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        got = tiny_lm.model.vision_tower(px)
+    assert got.shape == (2, 576, 128)
+    assert torch.allclose(got, expect, atol=1e-4)
+
+
+def test_llm_matches_transformers_llama(tiny_dir, tiny_lm):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    cfg = tiny_lm.cfg
+    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                                      num_attention_heads=cfg.num_attention_heads,
+                                      num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
+                                      rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings)
+    ref = transformers.LlamaForCausalLM(hf_cfg).eval()
+    sd = {k: v for k, v in load_file(tiny_dir / "model.safetensors").items() if not k.startswith("model.mm_")
+          and not k.startswith("model.sampler")}
+    ref.load_state_dict(sd, strict=False)
+    torch.manual_seed(0)
+    embeds = torch.randn(1, 40, cfg.hidden_size)
+    with torch.inference_mode():
+        expect = ref(inputs_embeds=embeds).logits[0]
+        llm = tiny_lm.model.llm
+        cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=3, num_kv_heads=cfg.num_key_value_heads,
+                        max_len=64, head_dim=cfg.dim_head, dtype=torch.float32, device="cpu")
+        last = llm.prefill(embeds[0, :30], cache, slot=0, start=0)
+        assert torch.allclose(llm.logits(last), expect[29], atol=1e-4)
+        # chunked prefill continues from the cache
+        last = llm.prefill(embeds[0, 30:36], cache, slot=0, start=30)
+        assert torch.allclose(llm.logits(last), expect[35], atol=1e-4)
+        # batched decode: slot 0 at position 36, slot 1 holds a shorter sequence
+        llm.prefill(embeds[0, :20], cache, slot=1, start=0)
+        h = llm.decode(torch.stack([embeds[0, 36], embeds[0, 20]]), [36, 20], cache)
+        assert torch.allclose(llm.logits(h[0]), expect[36], atol=1e-4)
+        assert torch.allclose(llm.logits(h[1]), expect[20], atol=1e-4)
