@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from model.kv_cache import KVCache
+from model.loading import LoadOptions, load_model
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the `quant` extra) is not installed")
+
+
+def _logits(lm, embeds):
+    cfg = lm.cfg
+    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
+                    max_len=16, head_dim=cfg.dim_head, dtype=torch.float32, device="cpu")
+    return lm.model.llm.logits(lm.model.llm.prefill(embeds, cache, slot=0, start=0))
+
+
+@pytest.mark.parametrize("mode,cls,min_corr", [("8bit", "Linear8bitLt", 0.999), ("4bit", "Linear4bit", 0.95)])
+def test_cpu_quantized_llm_tracks_full_precision(tiny_dir, tiny_lm, mode, cls, min_corr):
+    lm = load_model(tiny_dir, LoadOptions(device="cpu", quantization=mode))
+    layer = lm.model.llm.model.layers[0]
+    assert type(layer.mlp.up_proj).__name__ == cls and type(layer.self_attn.q_proj).__name__ == cls
+    assert type(lm.model.llm.lm_head) is torch.nn.Linear  # the head stays in full precision
+    torch.manual_seed(0)
+    emb = torch.randn(6, lm.cfg.hidden_size)
+    a, b = _logits(tiny_lm, emb), _logits(lm, emb)
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > min_corr
