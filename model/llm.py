@@ -54,6 +54,21 @@ def rope_inv_freq(cfg: SliMEConfig) -> tuple[torch.Tensor, float]:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
+def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """`layer(x)`, or with `per_row` each row of a `[B, 1, D]` batch as its own 1-row product.
+
+    CPU GEMM kernels change their reduction order with the number of rows (1-3 rows take another
+    path than 4+), so a batched decode would differ from a solo one in the last bits and greedy
+    tokens could flip. A batched matmul of 1-row problems runs the solo kernel for every row.
+    """
+    if not per_row or type(layer) is not nn.Linear:
+        return layer(x)
+    b = x.shape[0]
+    w = layer.weight.t().unsqueeze(0).expand(b, -1, -1)  # [B, in, out], no copy
+    out = torch.bmm(x, w) if layer.bias is None else torch.baddbmm(layer.bias.expand(b, 1, -1), x, w)
+    return out
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -75,15 +90,23 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 step: "Step") -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, D]
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        pr = step.per_row
+        q = linear(self.q_proj, x, pr).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = linear(self.k_proj, x, pr).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(self.v_proj, x, pr).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, Hkv, Tmax, hd]
+        gqa = self.num_kv_heads != self.num_heads
         if step.positions is not None:  # decode: sequence i sits in slot i
             ck[step.slots, :, step.positions] = k[:, :, 0]
             cv[step.slots, :, step.positions] = v[:, :, 0]
+            if step.per_row and step.mask is not None:
+                # Masked keys change the kernel's blocking: attend each row over its own length.
+                out = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], ck[i:i + 1, :, :n], cv[i:i + 1, :, :n],
+                                                                enable_gqa=gqa)
+                                 for i, n in enumerate(step.lengths)])
+                return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
             k, v = ck[:b, :, :step.length], cv[:b, :, :step.length]
         else:
             ck[step.slot, :, step.start:step.start + t] = k[0]
@@ -91,9 +114,8 @@ class Attention(nn.Module):
             if step.start:
                 k = ck[step.slot:step.slot + 1, :, :step.start + t]
                 v = cv[step.slot:step.slot + 1, :, :step.start + t]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal, enable_gqa=gqa)
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
 
 
 class MLP(nn.Module):
@@ -104,8 +126,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=b)
         self.down_proj = nn.Linear(i, d, bias=b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
+        return linear(self.down_proj, F.silu(gate) * up, per_row)
 
 
 class DecoderLayer(nn.Module):
@@ -118,7 +141,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cache, step):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), step.per_row)
 
 
 class LlamaModel(nn.Module):
@@ -136,13 +159,23 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Batched decode computes each row exactly as a solo decode would (see `linear`). Costs
+        # little on the CPU, where float32 results are expected to be batch-invariant; off on GPUs.
+        self.batch_invariant = False
 
     # -- RoPE tables -----------------------------------------------------------------------------
     def rope_tables(self, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[max_len, hd]` float32, built once (grown when a longer context is needed)."""
+        """cos, sin `[N, hd]` float32 for N >= max(max_len, max_position_embeddings), built once.
+
+        One fixed-size table: vectorised cos/sin can round an element differently depending on
+        where it falls in the vector loop, so tables of different lengths are not bit-equal.
+        """
         if self._rope is None or self._rope[0].shape[0] < max_len or self._rope[0].device != device:
+            size = max(max_len, self.cfg.max_position_embeddings)
+            if self._rope is not None and self._rope[0].shape[0] < max_len:
+                size = max(size, 2 * self._rope[0].shape[0])
             inv_freq, scale = rope_inv_freq(self.cfg)
-            t = torch.arange(max_len, dtype=torch.float32)
+            t = torch.arange(size, dtype=torch.float32)
             freqs = torch.outer(t, inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._rope = ((emb.cos() * scale).to(device), (emb.sin() * scale).to(device))
@@ -163,6 +196,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden `[B, D]` (or `[D]`) -> float32 logits `[B, V]`."""
+        if self.batch_invariant and hidden.dim() == 2 and hidden.shape[0] > 1:
+            return linear(self.lm_head, hidden.unsqueeze(1), True)[:, 0].float()
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
@@ -195,7 +231,8 @@ class LlamaForCausalLM(nn.Module):
         mask = None  # all at one length: every cached key up to `length` is valid
         if min(positions) != length - 1:
             mask = (torch.arange(length, device=device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, length)
-        step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask)
+        step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask,
+                    per_row=self.batch_invariant and b > 1, lengths=[p + 1 for p in positions])
         return self._run(embeds.unsqueeze(1), pos.view(b, 1), cache, step, length)[:, 0]
 
 
@@ -210,3 +247,5 @@ class Step:
     length: int = 0  # decode: keys read per sequence
     mask: torch.Tensor | None = None  # boolean, True = attend
     causal: bool = False
+    per_row: bool = False  # batch-invariant decode: 1-row linears, per-row attention
+    lengths: list[int] | None = None  # decode: keys per sequence

@@ -180,6 +180,7 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         from .quantization import quantize_llm
 
         quantize_llm(model.llm, opts.quantization, compute_dtype=dtype, device=device)
+    model.llm.batch_invariant = device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none"
     tokenizer = load_tokenizer(path)
     template = detect_template(tokenizer.get_vocab())
     stats = {"load_seconds": time.perf_counter() - t0,
