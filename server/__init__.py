@@ -1,0 +1,1 @@
+"""SliME Serve: the OpenAI-compatible HTTP server."""

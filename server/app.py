@@ -1,0 +1,189 @@
+"""App factory: `create_app(settings)` builds the FastAPI app; its lifespan loads the model in a
+worker thread, warms it up, starts the engine, and stops it on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from .errors import APIError
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest
+from .settings import Settings
+
+log = logging.getLogger("slime.server")
+
+
+class AppState:
+    """Everything the routes need, typed (no ad-hoc app.state lookups)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.chat = None  # ChatService once loaded
+        self.engine = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.shutting_down = False
+
+
+def default_model_dir(settings: Settings) -> Path:
+    """The tiny demo checkpoint, created once under the cache directory."""
+    path = settings.cache_dir / "tiny-slime"
+    if not (path / "config.json").exists():
+        from weights.make_tiny import make_tiny
+
+        log.info("creating the tiny demo checkpoint at %s (its answers are random words)", path)
+        make_tiny(path)
+    return path
+
+
+def build_service(settings: Settings, metrics: Metrics):
+    """Load the model, warm it up and start the engine (blocking; runs in a worker thread)."""
+    from model.loading import LoadOptions, load_model
+
+    from .chat import ChatService
+    from .engine.engine import Engine
+    from .engine.runner import ModelRunner
+
+    path = Path(settings.model) if settings.model else default_model_dir(settings)
+    lm = load_model(path, LoadOptions(device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
+                                      quantization=settings.quantization, allow_download=settings.allow_download))
+    runner = ModelRunner(lm, num_slots=settings.max_batch_size, max_model_len=settings.max_model_len,
+                         vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024)
+    engine = Engine(runner, max_batch_size=settings.max_batch_size, prefill_chunk=settings.prefill_chunk,
+                    metrics=metrics)
+    _warm_up(runner)
+    engine.start()
+    log.info("model %s loaded in %.1fs", path, lm.stats["load_seconds"])
+    return ChatService(settings, lm, engine, metrics), engine
+
+
+def _warm_up(runner) -> None:
+    """One tiny forward so the first request does not pay for lazy initialisation."""
+    import torch
+
+    llm = runner.llm
+    with torch.inference_mode():
+        emb = llm.embed(torch.tensor([0, 0], device=runner.device))
+        llm.prefill(emb, runner.cache, slot=0, start=0)
+        llm.decode(emb[:1], [2], runner.cache)
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def create_app(settings: Settings | None = None, *, service_factory=build_service) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load():
+            try:
+                state.chat, state.engine = await asyncio.to_thread(service_factory, settings, state.metrics)
+                state.ready = True
+            except Exception as e:  # noqa: BLE001 - reported by /ready and the log
+                log.exception("model loading failed")
+                state.load_error = str(e)
+
+        task = asyncio.create_task(load())
+        yield
+        state.shutting_down = True
+        state.ready = False
+        task.cancel()
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="SliME Serve", version="0.1.0", lifespan=lifespan)
+    app.state.slime = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        state.metrics.errors.labels(err.type, str(err.status)).inc()
+        return _error_response(err)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.ready and state.engine is not None and state.engine.alive:
+            return {"status": "ready"}
+        detail = state.load_error or ("shutting down" if state.shutting_down else "loading")
+        return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        chat = _service(state)
+        return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "created": 0,
+                                            "owned_by": "slime-serve", "max_model_len": settings.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        chat = _service(state)
+        body = await _parse(request)
+        if body.stream:
+            gen = await chat.stream(body)
+            return StreamingResponse(gen, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        task = asyncio.create_task(chat.complete(body))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    return Response(status_code=499)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    return app
+
+
+def _service(state: AppState):
+    if state.chat is None or not state.ready:
+        raise APIError(503, "the model is not ready" if not state.shutting_down else "the server is shutting down",
+                       type="unavailable", code="not_ready", headers={"Retry-After": "5"})
+    return state.chat
+
+
+async def _parse(request: Request) -> ChatCompletionRequest:
+    ctype = request.headers.get("content-type", "")
+    if "application/json" not in ctype:
+        raise APIError(415, "Content-Type must be application/json", code="unsupported_media_type")
+    raw = await request.body()
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"] if not str(x).startswith(("TextPart", "ImagePart", "str", "list["))]
+        param = ".".join(loc) or None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"'{param}' is not a supported parameter", param=param,
+                           code="unsupported_parameter") from None
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None

@@ -1,0 +1,1 @@
+"""The serving engine: one thread owns the model; an asyncio front feeds it and streams results."""

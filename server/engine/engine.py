@@ -1,0 +1,282 @@
+"""The engine: a thread that owns the model and runs schedule -> execute -> update steps, and
+an asyncio front that submits requests and streams their events back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from .runner import ModelRunner
+from .scheduler import Scheduler, Sequence
+from .types import EngineRequest, Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class Engine:
+    """Continuous batching over a fixed pool of KV-cache slots.
+
+    Each step: admit a waiting request if a slot is free, run one prefill chunk of the sequence
+    being prefilled (so running streams stall at most one chunk), then one batched decode forward
+    for every decoding sequence.
+    """
+
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk: int = 512,
+                 metrics=None):
+        self.runner = runner
+        self.scheduler = Scheduler(num_slots=max_batch_size)
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._by_id: dict[str, Sequence] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.alive = False
+        self.steps = 0
+        self.fault_injector = None  # tests: callable(stage) that may raise inside a step
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="slime-engine", daemon=True)
+        self.alive = True
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread:
+            self._thread.join(timeout)
+        self.alive = False
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + self._inbox.qsize()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    # -- async front -----------------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Event]:
+        """Submit a request and yield its events until it finishes. Cancelling the consumer
+        (client gone) aborts the request and frees its slot at the next step."""
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while True:
+                event: Event = await stream.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def _emit(self, request_id: str, event: Event) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+            except RuntimeError:  # loop closed
+                pass
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = self.scheduler.num_running == 0 and not self.scheduler.waiting
+            try:
+                item = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+            while item is not None:
+                self._handle(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.scheduler.num_running or self.scheduler.waiting:
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - a bug in step bookkeeping must not kill the loop
+                    log.exception("engine step failed")
+                    for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
+                        self._fail(seq, "internal error in the engine step")
+            self._update_gauges()
+        self.alive = False
+        for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
+            self._fail(seq, "the server is shutting down", status=503, etype="unavailable")
+        while self.scheduler.waiting:
+            req = self.scheduler.waiting.popleft()
+            self._emit(req.request_id, Event(finish_reason="error", error="the server is shutting down",
+                                             error_status=503, error_type="unavailable"))
+
+    def _handle(self, item) -> None:
+        kind, payload = item
+        if kind == "add":
+            if payload.request_id not in self._streams:  # consumer already gone
+                return
+            self.scheduler.add(payload)
+        elif kind == "abort":
+            if self.scheduler.drop_waiting(payload) is not None:
+                return
+            seq = self._by_id.get(payload)
+            if seq is not None:
+                self._release(seq)
+                self._record_finish(seq, "abort", status="aborted")
+
+    def step(self) -> None:
+        self.steps += 1
+        sched = self.scheduler
+        seq = sched.next_prefill()
+        if seq is not None:
+            self._prefill(seq)
+        if sched.decoding:
+            self._decode(list(sched.decoding))
+
+    def _prefill(self, seq: Sequence) -> None:
+        req = seq.request
+        try:
+            if seq.embeds is None and seq.prefilled == 0:
+                self._by_id[req.request_id] = seq
+                seq.scheduled_time = time.monotonic()
+                if self.metrics:
+                    self.metrics.queue_time.observe(seq.scheduled_time - req.arrival)
+                if self.fault_injector:
+                    self.fault_injector("prefill")
+                timings = self.runner.begin(seq)
+                self._record_images(seq, timings)
+            first = self.runner.prefill_chunk(seq, self.prefill_chunk)
+        except Exception as e:  # noqa: BLE001 - fail this request only
+            log.exception("prefill failed for %s", req.request_id)
+            bad_input = isinstance(e, ValueError)
+            self._fail(seq, str(e) if bad_input else "model error during prefill", status=400 if bad_input else 500,
+                       etype="invalid_request_error" if bad_input else "server_error")
+            return
+        if first is None:
+            return
+        move = self.scheduler.finish_prefill(seq)
+        if move:
+            self.runner.move(move[0], move[1], seq.prompt_len)
+        token, info = first
+        self._append(seq, token, info, images=seq.state.images)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        try:
+            if self.fault_injector:
+                self.fault_injector("decode")
+            tokens, infos = self.runner.decode(seqs)
+        except Exception:  # noqa: BLE001
+            log.exception("decode step failed")
+            for s in seqs:
+                self._fail(s, "model error during decoding")
+            return
+        if self.metrics:
+            self.metrics.batch_size.observe(len(seqs))
+        for s, t, info in zip(seqs, tokens, infos):
+            self._append(s, t, info)
+
+    def _append(self, seq: Sequence, token: int, info, images=None) -> None:
+        now = time.monotonic()
+        req = seq.request
+        seq.output_ids.append(token)
+        m = self.metrics
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if m:
+                m.ttft.observe(now - req.arrival)
+        elif m and seq.last_token_time is not None:
+            m.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        finish = None
+        stop_token = self.runner.is_stop_token(seq, token)
+        text = "" if stop_token else seq.state.detok.add(token)
+        if stop_token or seq.state.detok.stopped:
+            finish = "stop"
+        elif len(seq.output_ids) >= req.params.max_tokens or \
+                seq.prompt_len + len(seq.output_ids) >= self.runner.max_model_len:
+            finish = "length"
+        if finish:
+            text += seq.state.detok.flush()
+        event = Event(token_ids=[token], text=text, logprobs=[info] if info else [], finish_reason=finish,
+                      prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids), images=images)
+        self._emit(req.request_id, event)
+        if finish:
+            self._release(seq)
+            self._record_finish(seq, finish)
+
+    def _release(self, seq: Sequence) -> None:
+        self._by_id.pop(seq.request.request_id, None)
+        move = self.scheduler.remove(seq)
+        if move:
+            moved = self.scheduler.decoding[move[1]]
+            self.runner.move(move[0], move[1], moved.length)
+        seq.embeds = None
+
+    def _fail(self, seq: Sequence, message: str, status: int = 500, etype: str = "server_error") -> None:
+        self._release(seq)
+        self._emit(seq.request.request_id, Event(finish_reason="error", error=message, error_status=status,
+                                                 error_type=etype))
+        self._record_finish(seq, "error", status="error")
+
+    def _record_images(self, seq: Sequence, timings: dict[str, float]) -> None:
+        m = self.metrics
+        if not m:
+            return
+        if "vision" in timings:
+            m.vision.observe(timings["vision"])
+        for r in seq.state.images:
+            m.image_tokens.labels("global").inc(r.global_tokens)
+            m.image_tokens.labels("local_total").inc(r.local_tokens)
+            m.image_tokens.labels("local_kept").inc(r.local_kept)
+        vc = self.runner.vision_cache
+        if vc is not None:
+            hits, misses = vc.hits, vc.misses
+            m.vision_cache.labels("hit").inc(hits - getattr(self, "_vc_hits", 0))
+            m.vision_cache.labels("miss").inc(misses - getattr(self, "_vc_misses", 0))
+            self._vc_hits, self._vc_misses = hits, misses
+
+    def _record_finish(self, seq: Sequence, finish: str, status: str = "ok") -> None:
+        m = self.metrics
+        if not m:
+            return
+        m.requests.labels(status, finish).inc()
+        if seq.prompt_len:
+            m.prompt_tokens.inc(seq.prompt_len)
+        m.generation_tokens.inc(len(seq.output_ids))
+        if status == "ok":
+            m.e2e.observe(time.monotonic() - seq.request.arrival)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        if not m:
+            return
+        sched = self.scheduler
+        m.running.set(sched.num_running)
+        m.waiting.set(len(sched.waiting))
+        used = sum(s.length for s in sched.decoding) + (sched.prefilling.prefilled if sched.prefilling else 0)
+        m.kv_usage.set(used / (sched.num_slots * self.runner.max_model_len))

@@ -1,0 +1,139 @@
+"""The model side of the engine: device, KV cache, vision encoding, prefill chunks, one batched
+decode forward per step, and sampling. Runs only on the engine thread."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from model.kv_cache import KVCache
+from model.loading import LoadedModel
+from model.modeling import ImageFeatures, ImageReport
+from model.sampling import SequenceSampler, TokenLogprob, sample
+
+from .detokenizer import IncrementalDetokenizer
+from .scheduler import Sequence
+
+
+class SeqState:
+    """Per-sequence runner state."""
+
+    def __init__(self, sampler: SequenceSampler, detok: IncrementalDetokenizer):
+        self.sampler = sampler
+        self.detok = detok
+        self.images: list[ImageReport] = []
+
+
+class VisionCache:
+    """LRU of question-independent image features by content hash, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> ImageFeatures | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: str, feats: ImageFeatures) -> None:
+        size = feats.nbytes
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = feats
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, *, num_slots: int, max_model_len: int, vision_cache_bytes: int = 0):
+        self.lm = lm
+        self.model = lm.model
+        self.llm = lm.model.llm
+        self.device = lm.device
+        cfg = lm.cfg
+        self.max_model_len = max_model_len
+        self.cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=num_slots,
+                             num_kv_heads=cfg.num_key_value_heads, max_len=max_model_len, head_dim=cfg.dim_head,
+                             dtype=lm.dtype, device=lm.device)
+        self.eos = set(lm.eos_token_ids)
+        self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
+        self.vocab = cfg.vocab_size
+
+    # -- prefill ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def begin(self, seq: Sequence) -> dict[str, float]:
+        """Vision encoding and prompt embedding for a newly admitted sequence."""
+        req = seq.request
+        timings: dict[str, float] = {}
+        feats: list[ImageFeatures | None] = [None] * len(req.images)
+        todo = []
+        for i, img in enumerate(req.images):
+            hit = self.vision_cache.get(img.digest) if self.vision_cache else None
+            if hit is not None:
+                feats[i] = hit
+            else:
+                todo.append(i)
+        if todo:
+            t0 = time.perf_counter()
+            new = self.model.encode_images([torch.from_numpy(req.images[i].pixels) for i in todo],
+                                           [req.images[i].grid for i in todo])
+            for i, f in zip(todo, new):
+                feats[i] = f
+                if self.vision_cache:
+                    self.vision_cache.put(req.images[i].digest, f)
+            timings["vision"] = time.perf_counter() - t0
+        embeds, reports = self.model.embed_prompt(req.input_ids, feats, with_mask=req.with_selection)  # [T, D]
+        seq.embeds = embeds
+        seq.prompt_len = embeds.shape[0]
+        if seq.prompt_len + req.params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({seq.prompt_len} positions) plus max_tokens exceeds the context")
+        seq.state = SeqState(SequenceSampler(req.params, req.input_ids, self.device),
+                             IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
+                                                    [t for t in req.input_ids[-4:] if t >= 0]))
+        seq.state.images = reports
+        return timings
+
+    @torch.inference_mode()
+    def prefill_chunk(self, seq: Sequence, chunk: int) -> tuple[int, TokenLogprob | None] | None:
+        """Run up to `chunk` prompt positions; after the last one, sample the first token."""
+        start = seq.prefilled
+        end = min(seq.prompt_len, start + chunk)
+        hidden = self.llm.prefill(seq.embeds[start:end], self.cache, slot=seq.slot, start=start)
+        seq.prefilled = end
+        if end < seq.prompt_len:
+            return None
+        seq.embeds = None
+        tokens, infos = sample(self.llm.logits(hidden.unsqueeze(0)), [seq.state.sampler])
+        return tokens[0], infos[0]
+
+    # -- decode ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One batched forward: sequence i (in slot i) feeds its last token."""
+        last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        positions = [s.prompt_len + len(s.output_ids) - 1 for s in seqs]
+        hidden = self.llm.decode(self.llm.embed(last), positions, self.cache)  # [B, D]
+        return sample(self.llm.logits(hidden), [s.state.sampler for s in seqs])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.cache.move_slot(src, dst, length)
+
+    def is_stop_token(self, seq: Sequence, token: int) -> bool:
+        return not seq.request.params.ignore_eos and token in self.eos
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes

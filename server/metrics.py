@@ -1,0 +1,37 @@
+"""Prometheus collectors, in a registry of their own per app (tests run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("slime_requests", "Finished chat requests", ["status", "finish_reason"], registry=r)
+        self.errors = Counter("slime_errors", "Error responses by type and status", ["type", "status"], registry=r)
+        self.ttft = Histogram("slime_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram("slime_inter_token_latency_seconds", "Gap between tokens of a request",
+                             buckets=_TOKEN_GAP, registry=r)
+        self.e2e = Histogram("slime_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY,
+                             registry=r)
+        self.queue_time = Histogram("slime_queue_time_seconds", "Arrival to start of prefill", buckets=_LATENCY,
+                                    registry=r)
+        self.prompt_tokens = Counter("slime_prompt_tokens", "Prompt positions fed to the LLM", registry=r)
+        self.generation_tokens = Counter("slime_generation_tokens", "Generated tokens", registry=r)
+        self.running = Gauge("slime_num_requests_running", "Requests holding a KV-cache slot", registry=r)
+        self.waiting = Gauge("slime_num_requests_waiting", "Requests waiting for a slot", registry=r)
+        self.kv_usage = Gauge("slime_kv_cache_usage_ratio", "Share of KV-cache positions in use", registry=r)
+        self.batch_size = Histogram("slime_batch_size", "Sequences per decode forward",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.preprocess = Histogram("slime_image_preprocess_seconds", "Image decoding and slicing per request",
+                                    buckets=_LATENCY, registry=r)
+        self.vision = Histogram("slime_vision_encode_seconds", "Vision tower and adapters per request",
+                                buckets=_LATENCY, registry=r)
+        self.image_tokens = Counter("slime_image_tokens", "SliME image tokens by kind", ["kind"], registry=r)
+        self.vision_cache = Counter("slime_vision_cache", "Vision-feature cache lookups", ["result"], registry=r)
+        self.images = Counter("slime_images", "Images received", registry=r)
