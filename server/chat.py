@@ -259,7 +259,7 @@ class ChatService:
                                  "total_tokens": prompt + completion})
             yield "data: [DONE]\n\n"
         finally:
+            # Cancelling a pump cancels its engine stream, whose cleanup aborts the request.
             for t in tasks:
                 t.cancel()
-            for s in streams:
-                await s.aclose()
+            await asyncio.gather(*tasks, return_exceptions=True)

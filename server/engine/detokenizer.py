@@ -34,16 +34,21 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        self._advance(final=False)
+        return self._release()
+
+    def _advance(self, final: bool) -> None:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        # An incomplete multi-byte character decodes to U+FFFD: wait for its next byte, unless
+        # generation ended (then the text is what a full decode gives).
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             new = full[len(prefix):]
             if not self._started:
                 new = new.lstrip()
                 self._started = bool(new)
             self.text += new
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release()
 
     def _release(self, final: bool = False) -> str:
         for s in self.stop:
@@ -68,4 +73,5 @@ class IncrementalDetokenizer:
         """At the end of generation: release what was held back."""
         if self.stopped:
             return ""
+        self._advance(final=True)
         return self._release(final=True)
