@@ -17,9 +17,7 @@ class _JSONFormatter(logging.Formatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    from .app import create_app
+    from .serve import serve
     from .settings import parse_args
 
     settings = parse_args(argv)
@@ -27,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_JSONFormatter() if settings.log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=int(settings.port), log_level=settings.log_level.lower(),
-                access_log=False, timeout_graceful_shutdown=30)
+    serve(settings)
     return 0
 
 

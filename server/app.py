@@ -16,8 +16,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from fastapi.middleware.cors import CORSMiddleware
+
 from .errors import APIError
 from .metrics import Metrics
+from .middleware import APIKeyMiddleware, BodyLimitMiddleware
 from .protocol import ChatCompletionRequest
 from .settings import Settings
 
@@ -109,10 +112,31 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
     app = FastAPI(title="SliME Serve", version="0.1.0", lifespan=lifespan)
     app.state.slime = state
 
+    def count_error(err: APIError) -> None:
+        state.metrics.errors.labels(err.type, str(err.status)).inc()
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        state.metrics.errors.labels(err.type, str(err.status)).inc()
+        count_error(err)
         return _error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        err = APIError(500, "internal server error", type="server_error")
+        count_error(err)
+        return _error_response(err)
+
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+
+    # Pure ASGI middleware; the last added is the outermost.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, on_error=count_error)
+    protected = ("/v1/", "/metrics") if settings.protect_metrics else ("/v1/",)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_key, protected=protected, on_error=count_error)
+    if settings.cors_origins:
+        wildcard = "*" in settings.cors_origins
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=not wildcard)
 
     @app.get("/health")
     async def health():
@@ -135,7 +159,8 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
         return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "created": 0,
                                             "owned_by": "slime-serve", "max_model_len": settings.max_model_len}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": _request_schema()}}}})
     async def chat_completions(request: Request):
         chat = _service(state)
         body = await _parse(request)
@@ -157,6 +182,27 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
                 task.cancel()
 
     return app
+
+
+def _request_schema() -> dict:
+    """The request body's schema, documented in /openapi.json (parsing stays ours, for 400s)."""
+    return {"$ref": "#/components/schemas/ChatCompletionRequest"}
+
+
+def _openapi(app: FastAPI):
+    def build() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["ChatCompletionRequest"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return build
 
 
 def _service(state: AppState):

@@ -21,10 +21,11 @@ from model.sampling import SamplingParams
 from model.slicing import count_image_tokens
 from model.templates import Message, build_prompt
 
-from .engine.engine import Engine
+from .engine.engine import Engine, EngineDead
 from .engine.types import EngineRequest, Event
 from .errors import APIError, bad_request
-from .media import decode_data_url, open_image
+from .fetch import FetchPolicy
+from .media import image_bytes, open_image
 from .protocol import ChatCompletionRequest
 from .settings import Settings
 
@@ -45,6 +46,10 @@ class ChatService:
         self.model_name = settings.served_model_name or lm.path.name
         self.template = lm.template if settings.chat_template == "auto" else settings.chat_template
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slime-prep")
+        self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,
+                                        settings.max_request_bytes, settings.image_url_max_redirects,
+                                        settings.image_url_allow_private) if settings.allow_image_urls else None
+        self.preparing = 0  # requests between admission and submission to the engine
 
     # -- preparation (thread pool) ---------------------------------------------------------------
     def _messages(self, req: ChatCompletionRequest) -> tuple[list[Message], list[tuple[str, str]]]:
@@ -85,7 +90,8 @@ class ChatService:
         t0 = time.perf_counter()
         images = []
         for url, param in urls:
-            img = open_image(decode_data_url(url, param=param), max_pixels=self.settings.max_image_pixels, param=param)
+            data = image_bytes(url, param=param, policy=self.fetch_policy)
+            img = open_image(data, max_pixels=self.settings.max_image_pixels, param=param)
             images.append(prepare_image(img, self.lm.cfg))
         if images and self.metrics:
             self.metrics.preprocess.observe(time.perf_counter() - t0)
@@ -133,11 +139,16 @@ class ChatService:
         if req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
-        if self.engine.num_waiting + req.n > s.max_waiting_requests + s.max_batch_size:
+        # Bounded admission: everything preparing, waiting or running counts.
+        if self.preparing + self.engine.num_requests + req.n > s.max_waiting_requests + s.max_batch_size:
             raise APIError(429, "the server is overloaded; retry later", type="rate_limit_error",
                            code="overloaded", headers={"Retry-After": "1"})
-        prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self.prepare, req)
-        params = self.sampling_params(req, prepared.max_prompt_tokens)
+        self.preparing += req.n
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self.prepare, req)
+            params = self.sampling_params(req, prepared.max_prompt_tokens)
+        finally:
+            self.preparing -= req.n
         cid = "chatcmpl-" + uuid.uuid4().hex
         streams = []
         for i in range(req.n):
@@ -145,7 +156,12 @@ class ChatService:
                                                         else params.seed + i})
             er = EngineRequest(f"{cid}-{i}", prepared.input_ids, prepared.images, p, prepared.max_prompt_tokens,
                                with_selection=req.slime_selection)
-            streams.append(self.engine.generate(er))
+            try:
+                streams.append(self.engine.submit(er))
+            except EngineDead:
+                for st in streams:
+                    await st.aclose()
+                raise APIError(503, "the engine is not running", type="unavailable", code="engine_dead") from None
         return cid, streams
 
     # -- responses -------------------------------------------------------------------------------
@@ -169,20 +185,27 @@ class ChatService:
         cid, streams = await self.start(req)
         created = int(time.time())
 
-        async def collect(i: int, stream: AsyncIterator[Event]) -> tuple[dict, int, int, Any]:
+        async def collect(i: int, stream) -> tuple[dict, int, int, Any]:
             text, lps, finish, prompt, completion, images = [], [], None, 0, 0, None
-            async for ev in stream:
-                self._raise_for(ev)
-                text.append(ev.text)
-                if req.logprobs:
-                    lps += self._logprobs(ev)
-                images = ev.images or images
-                finish, prompt, completion = ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
+            try:
+                async for ev in stream:
+                    self._raise_for(ev)
+                    text.append(ev.text)
+                    if req.logprobs:
+                        lps += self._logprobs(ev)
+                    images = ev.images or images
+                    finish, prompt, completion = ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
+            finally:
+                await stream.aclose()
             choice = {"index": i, "message": {"role": "assistant", "content": "".join(text)},
                       "logprobs": {"content": lps} if req.logprobs else None, "finish_reason": finish}
             return choice, prompt, completion, images
 
-        results = await asyncio.gather(*(collect(i, s) for i, s in enumerate(streams)))
+        try:
+            results = await asyncio.gather(*(collect(i, s) for i, s in enumerate(streams)))
+        finally:
+            for s in streams:
+                await s.aclose()
         prompt = results[0][1]
         completion = sum(r[2] for r in results)
         body = {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
@@ -222,6 +245,7 @@ class ChatService:
             except Exception as e:  # noqa: BLE001
                 await queue.put((i, Event(finish_reason="error", error=str(e))))
             finally:
+                await stream.aclose()
                 await queue.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
@@ -238,6 +262,7 @@ class ChatService:
                 if ev.error is not None:
                     err = APIError(ev.error_status, ev.error, type=ev.error_type)
                     yield "data: " + json.dumps(err.body()) + "\n\n"
+                    yield "data: [DONE]\n\n"
                     return
                 prompt = ev.prompt_tokens or prompt
                 images = ev.images or images
@@ -263,3 +288,5 @@ class ChatService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()

@@ -13,19 +13,30 @@ from PIL import Image
 from model.images import to_rgb
 
 from .errors import APIError, bad_request
+from .fetch import FetchPolicy, fetch_image
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 
 
+def image_bytes(url: str, *, param: str, policy: FetchPolicy | None) -> bytes:
+    """A `data:` URL always; `http(s)` only with a fetch policy; anything else is refused."""
+    lowered = url[:16].lower()
+    if lowered.startswith("data:"):
+        return decode_data_url(url, param=param)
+    if lowered.startswith(("http://", "https://")):
+        if policy is None:
+            raise bad_request("image URLs are disabled on this server; send the image as a data: URL", param=param,
+                              code="image_url_disabled")
+        return fetch_image(url, policy, param=param)
+    raise bad_request("image_url must be a data: URL (data:image/png;base64,...)", param=param,
+                      code="invalid_image_url")
+
+
 def decode_data_url(url: str, *, param: str) -> bytes:
     m = _DATA_URL.match(url)
     if not m:
-        if url.lower().startswith(("http://", "https://")):
-            raise bad_request("image URLs are disabled on this server; send the image as a data: URL", param=param,
-                              code="image_url_disabled")
-        raise bad_request("image_url must be a data: URL (data:image/png;base64,...)", param=param,
-                          code="invalid_image_url")
+        raise bad_request("malformed data: URL", param=param, code="invalid_image_url")
     if not m.group("b64"):
         raise bad_request("only base64 data: URLs are supported", param=param, code="invalid_image_url")
     try:

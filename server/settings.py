@@ -41,12 +41,21 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1)
     max_n: int = Field(8, ge=1)
     max_stop: int = Field(4, ge=0)
+    # image URLs (off: data: URLs only)
+    allow_image_urls: bool = False
+    image_url_domains: list[str] = Field(default_factory=list, description="allow-list (empty: any public host)")
+    image_url_timeout: float = Field(10.0, gt=0)
+    image_url_max_redirects: int = Field(3, ge=0, le=10)
+    image_url_allow_private: bool = Field(False, description="testing only: lets private addresses through")
     # access
     api_key: list[str] = Field(default_factory=list)
+    protect_metrics: bool = Field(False, description="require the API key on /metrics too")
+    cors_origins: list[str] = Field(default_factory=list)
+    drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "image_url_domains", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v):
         if isinstance(v, str):
@@ -61,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
         help_ = f.description or ""
-        if name == "api_key":
-            ap.add_argument(flag, action="append", default=None, help="Bearer key (repeatable)")
+        if name in ("api_key", "image_url_domains", "cors_origins"):
+            ap.add_argument(flag, action="append", default=None, help=help_ or "repeatable")
         elif f.annotation is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

@@ -9,7 +9,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from .runner import ModelRunner
 from .scheduler import Scheduler, Sequence
@@ -18,10 +17,41 @@ from .types import EngineRequest, Event
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+class RequestStream:
+    """Async iterator over one request's events; `aclose()` (or garbage collection) before the
+    final event aborts the request."""
+
+    def __init__(self, engine: "Engine", request_id: str):
+        self.engine = engine
+        self.request_id = request_id
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        event: Event = await self.queue.get()
+        if event.finish_reason is not None:
+            self._close(finished=True)
+        return event
+
+    def _close(self, finished: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.engine._streams.pop(self.request_id, None)
+        if not finished:
+            self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        self._close()
 
 
 class EngineDead(RuntimeError):
@@ -73,26 +103,20 @@ class Engine:
         return self.scheduler.num_running
 
     # -- async front -----------------------------------------------------------------------------
-    async def generate(self, request: EngineRequest) -> AsyncIterator[Event]:
-        """Submit a request and yield its events until it finishes. Cancelling the consumer
-        (client gone) aborts the request and frees its slot at the next step."""
+    def submit(self, request: EngineRequest) -> "RequestStream":
+        """Hand a request to the engine now; iterate the returned stream for its events. Closing
+        the stream early (client gone) aborts the request and frees its slot at the next step."""
         if not self.alive:
             raise EngineDead("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = RequestStream(self, request.request_id)
         self._streams[request.request_id] = stream
         self._inbox.put(("add", request))
-        finished = False
-        try:
-            while True:
-                event: Event = await stream.queue.get()
-                yield event
-                if event.finish_reason is not None:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self.abort(request.request_id)
+        return stream
+
+    @property
+    def num_requests(self) -> int:
+        """Requests submitted and not yet finished or aborted."""
+        return len(self._streams)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -107,6 +131,12 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.alive = False
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             idle = self.scheduler.num_running == 0 and not self.scheduler.waiting
             try:
