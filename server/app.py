@@ -217,6 +217,13 @@ async def _parse(request: Request) -> ChatCompletionRequest:
     if "application/json" not in ctype:
         raise APIError(415, "Content-Type must be application/json", code="unsupported_media_type")
     raw = await request.body()
+    # Bodies with images are megabytes: parse them off the event loop.
+    if len(raw) > 65536:
+        return await asyncio.to_thread(_validate, raw)
+    return _validate(raw)
+
+
+def _validate(raw: bytes) -> ChatCompletionRequest:
     try:
         data: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -3,6 +3,8 @@ requests finish within the drain timeout, then stop the engine and exit 0."""
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from .app import create_app
@@ -19,6 +21,9 @@ class _DrainingServer(uvicorn.Server):
         self.slime_state.shutting_down = True
         self.slime_state.ready = False
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown; a completed drain exits 0 instead.
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
 
 
 def serve(settings: Settings) -> None:
