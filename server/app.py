@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
         count_error(err)
         return _error_response(err)
 
-    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    app.openapi = _openapi(app, served_model_name(settings))  # type: ignore[method-assign]
 
     # Pure ASGI middleware; the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, on_error=count_error)
@@ -149,7 +149,8 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
         detail = state.load_error or ("shutting down" if state.shutting_down else "loading")
         return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -189,7 +190,13 @@ def _request_schema() -> dict:
     return {"$ref": "#/components/schemas/ChatCompletionRequest"}
 
 
-def _openapi(app: FastAPI):
+def served_model_name(settings: Settings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    return Path(settings.model).name if settings.model else "tiny-slime"
+
+
+def _openapi(app: FastAPI, model_name: str):
     def build() -> dict:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
@@ -198,6 +205,7 @@ def _openapi(app: FastAPI):
             body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(body.pop("$defs", {}))
+            body["properties"]["model"]["enum"] = [model_name]
             components["ChatCompletionRequest"] = body
             app.openapi_schema = schema
         return app.openapi_schema
