@@ -49,23 +49,31 @@ class PromptLayout:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One image ready for the vision tower (CPU-side work done)."""
+    """One image ready for the vision tower (CPU-side work done), or a reference to features
+    already in the vision cache (`pixels` None)."""
 
-    pixels: Any  # np.ndarray `[views, 3, 336, 336]` float32
+    pixels: Any  # np.ndarray `[views, 3, 336, 336]` float32, or None when cached
     grid: tuple[int, int] | None  # (cols, rows); None for single-view LLaVA images
-    size: tuple[int, int]  # original (width, height)
-    digest: str  # content hash of the normalised pixels (vision-cache key)
+    digest: str = ""  # vision-cache key (hash of the uploaded bytes); "" = not cacheable
+
+    def max_rows(self, cfg: Any, *, global_tokens: int = 576) -> int:
+        """Upper bound of the LLM rows this image becomes (before selection)."""
+        if self.grid is None or not cfg.has_local_branch:
+            return global_tokens
+        local = self.grid[0] * self.grid[1] * cfg.local_grid**2
+        if cfg.use_global_only:
+            return global_tokens
+        if cfg.use_local_only:
+            return local
+        return global_tokens + 1 + local
 
 
-def prepare_image(image: Any, cfg: Any) -> PreparedImage:
+def prepare_image(image: Any, cfg: Any, digest: str = "") -> PreparedImage:
     """RGB PIL image -> pixels per the checkpoint's `image_aspect_ratio` (SliME: `anyres` slicing)."""
-    import hashlib
-
     from .slicing import preprocess, preprocess_single
 
     if cfg.has_local_branch or cfg.image_aspect_ratio == "anyres":
         pixels, grid = preprocess(image)
     else:
         pixels, grid = preprocess_single(image, pad=cfg.image_aspect_ratio == "pad"), None
-    digest = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
-    return PreparedImage(pixels, grid, image.size, digest)
+    return PreparedImage(pixels, grid, digest)

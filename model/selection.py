@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-# Bound on the [rows, text, D] broadcast inside cosine_similarity (elements per chunk).
+# Bound on the [rows, text, D] product materialised at once (elements per chunk).
 _CHUNK_ELEMENTS = 1 << 25
 
 
 def selection_scores(local: torch.Tensor, text: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
-    """score_i = sum_j cos(v_i, T_j): local `[K, D]`, text `[Lt, D]` -> `[K]` float.
+    """score_i = sum_j cos(v_i, T_j): local `[K, D]`, text `[Lt, D]` -> `[K]`.
 
-    `num_pad` zero text rows are appended as the reference does for each image slot, so that the
-    reduction runs over the same length and gives the reference's exact sums.
+    Bit-identical to the reference's `F.cosine_similarity(v[:, None], T[None], -1).sum(-1)`:
+    the same row norms (clamped at 1e-8), the same element-wise products and the same reduction
+    over D, without re-computing each norm for every pair. `num_pad` zero text rows are appended
+    as the reference does for each image slot, so the sum runs over the same length.
     """
     if num_pad:
         text = torch.cat([text, text.new_zeros(num_pad, text.shape[1])])
+    eps = 1e-8
+    local_n = local / torch.linalg.vector_norm(local, 2, dim=-1, keepdim=True).clamp_min(eps)
+    text_n = text / torch.linalg.vector_norm(text, 2, dim=-1, keepdim=True).clamp_min(eps)  # [Lt, D]
     rows = max(1, _CHUNK_ELEMENTS // max(1, text.shape[0] * text.shape[1]))
     out = []
-    for chunk in local.split(rows):
-        sim = F.cosine_similarity(chunk.unsqueeze(1), text.unsqueeze(0), dim=-1)  # [k, Lt]
+    for chunk in local_n.split(rows):
+        sim = (chunk.unsqueeze(1) * text_n.unsqueeze(0)).sum(dim=-1)  # [k, Lt]
         if num_pad:
-            sim[:, -num_pad:] = 0
+            sim[:, -num_pad:] = 0  # the reference masks the padding rows (their cosine is 0 already)
         out.append(sim.sum(dim=-1))
     return torch.cat(out)
 

@@ -7,6 +7,7 @@ event loop; the engine does the tensor work.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -16,9 +17,8 @@ from typing import Any, AsyncIterator
 
 from model.config import IMAGE_TOKEN_INDEX
 from model.loading import LoadedModel
-from model.processor import prepare_image, tokenize_prompt
+from model.processor import PreparedImage, prepare_image, tokenize_prompt
 from model.sampling import SamplingParams
-from model.slicing import count_image_tokens
 from model.templates import Message, build_prompt
 
 from .engine.engine import Engine, EngineDead
@@ -91,8 +91,15 @@ class ChatService:
         images = []
         for url, param in urls:
             data = image_bytes(url, param=param, policy=self.fetch_policy)
+            digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+            cached = self.engine.cached_image(digest)
+            if self.metrics and self.settings.vision_cache_mb:
+                self.metrics.vision_cache.labels("hit" if cached is not None else "miss").inc()
+            if cached is not None:  # seen before: no decoding, slicing or vision encoding
+                images.append(PreparedImage(None, cached.grid, digest))
+                continue
             img = open_image(data, max_pixels=self.settings.max_image_pixels, param=param)
-            images.append(prepare_image(img, self.lm.cfg))
+            images.append(prepare_image(img, self.lm.cfg, digest))
         if images and self.metrics:
             self.metrics.preprocess.observe(time.perf_counter() - t0)
             self.metrics.images.inc(len(images))
@@ -103,14 +110,7 @@ class ChatService:
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
         ids = tokenize_prompt(self.lm.tokenizer, pieces)
-        cfg = self.lm.cfg
-        bound = sum(1 for t in ids if t != IMAGE_TOKEN_INDEX)
-        for im in images:
-            if im.grid is None:
-                bound += 576
-            else:
-                c = count_image_tokens(*im.size, has_local=cfg.has_local_branch and not cfg.use_global_only)
-                bound += (0 if cfg.use_local_only else c.global_tokens + 1) + c.local_tokens
+        bound = sum(1 for t in ids if t != IMAGE_TOKEN_INDEX) + sum(im.max_rows(self.lm.cfg) for im in images)
         return Prepared(ids, images, bound)
 
     def sampling_params(self, req: ChatCompletionRequest, prompt_bound: int) -> SamplingParams:

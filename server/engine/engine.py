@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .runner import ModelRunner
+from .runner import CacheMiss, ModelRunner
 from .scheduler import Scheduler, Sequence
 from .types import EngineRequest, Event
 
@@ -118,6 +118,11 @@ class Engine:
         """Requests submitted and not yet finished or aborted."""
         return len(self._streams)
 
+    def cached_image(self, digest: str):
+        """Features of an already-seen upload (pinned for its request), or None."""
+        cache = self.runner.vision_cache
+        return cache.pin(digest) if cache is not None else None
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
@@ -203,6 +208,9 @@ class Engine:
             first = self.runner.prefill_chunk(seq, self.prefill_chunk)
         except Exception as e:  # noqa: BLE001 - fail this request only
             log.exception("prefill failed for %s", req.request_id)
+            if isinstance(e, CacheMiss):
+                self._fail(seq, str(e), status=503, etype="unavailable")
+                return
             bad_input = isinstance(e, ValueError)
             self._fail(seq, str(e) if bad_input else "model error during prefill", status=400 if bad_input else 500,
                        etype="invalid_request_error" if bad_input else "server_error")
@@ -283,12 +291,6 @@ class Engine:
             m.image_tokens.labels("global").inc(r.global_tokens)
             m.image_tokens.labels("local_total").inc(r.local_tokens)
             m.image_tokens.labels("local_kept").inc(r.local_kept)
-        vc = self.runner.vision_cache
-        if vc is not None:
-            hits, misses = vc.hits, vc.misses
-            m.vision_cache.labels("hit").inc(hits - getattr(self, "_vc_hits", 0))
-            m.vision_cache.labels("miss").inc(misses - getattr(self, "_vc_misses", 0))
-            self._vc_hits, self._vc_misses = hits, misses
 
     def _record_finish(self, seq: Sequence, finish: str, status: str = "ok") -> None:
         m = self.metrics

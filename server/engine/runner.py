@@ -3,6 +3,7 @@ decode forward per step, and sampling. Runs only on the engine thread."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -18,6 +19,10 @@ from .detokenizer import IncrementalDetokenizer
 from .scheduler import Sequence
 
 
+class CacheMiss(RuntimeError):
+    """A request referred to cached features that are gone (retryable)."""
+
+
 class SeqState:
     """Per-sequence runner state."""
 
@@ -28,33 +33,57 @@ class SeqState:
 
 
 class VisionCache:
-    """LRU of question-independent image features by content hash, bounded in bytes."""
+    """LRU of question-independent image features by upload hash, bounded in bytes.
+
+    The chat layer checks it (and pins the entry) before decoding an upload, so a repeated image
+    skips decoding, slicing, CLIP and both adapters; only selection reruns. A pinned entry is not
+    evicted for `PIN_SECONDS`, long enough for its request to reach the engine.
+    """
+
+    PIN_SECONDS = 60.0
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._pinned: dict[str, float] = {}
+        self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> ImageFeatures | None:
-        item = self._items.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item
+    def pin(self, key: str) -> ImageFeatures | None:
+        """Called from the chat layer: the entry, kept from eviction for a while, or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            self._pinned[key] = time.monotonic()
+            return item
+
+    def take(self, key: str) -> ImageFeatures | None:
+        with self._lock:
+            self._pinned.pop(key, None)
+            return self._items.get(key)
 
     def put(self, key: str, feats: ImageFeatures) -> None:
         size = feats.nbytes
-        if size > self.max_bytes or key in self._items:
-            return
-        self._items[key] = feats
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.nbytes
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+            self._items[key] = feats
+            self.bytes += size
+            now = time.monotonic()
+            for old in list(self._items):
+                if self.bytes <= self.max_bytes:
+                    break
+                pinned = self._pinned.get(old)
+                if pinned is not None and now - pinned < self.PIN_SECONDS and self.bytes <= 2 * self.max_bytes:
+                    continue
+                self.bytes -= self._items.pop(old).nbytes
+                self._pinned.pop(old, None)
 
 
 class ModelRunner:
@@ -81,8 +110,10 @@ class ModelRunner:
         feats: list[ImageFeatures | None] = [None] * len(req.images)
         todo = []
         for i, img in enumerate(req.images):
-            hit = self.vision_cache.get(img.digest) if self.vision_cache else None
-            if hit is not None:
+            if img.pixels is None:  # the chat layer found it in the cache
+                hit = self.vision_cache.take(img.digest) if self.vision_cache else None
+                if hit is None:
+                    raise CacheMiss("cached image features were evicted; retry the request")
                 feats[i] = hit
             else:
                 todo.append(i)
@@ -92,7 +123,7 @@ class ModelRunner:
                                            [req.images[i].grid for i in todo])
             for i, f in zip(todo, new):
                 feats[i] = f
-                if self.vision_cache:
+                if self.vision_cache and req.images[i].digest:
                     self.vision_cache.put(req.images[i].digest, f)
             timings["vision"] = time.perf_counter() - t0
         embeds, reports = self.model.embed_prompt(req.input_ids, feats, with_mask=req.with_selection)  # [T, D]

@@ -106,6 +106,16 @@ def test_selector_against_naive_recomputation():
     assert 0 < len(expect) < 50
 
 
+def test_selection_scores_are_bit_identical_to_reference_formula():
+    torch.manual_seed(3)
+    local = torch.randn(300, 64) * 2
+    text = torch.randn(40, 64) + 1
+    padded = torch.cat([text, torch.zeros(2, 64)])
+    ref = F.cosine_similarity(local.unsqueeze(1), padded.unsqueeze(0), dim=-1)
+    ref[:, -2:] = 0
+    assert torch.equal(selection_scores(local, text, num_pad=2), ref.sum(-1))
+
+
 def test_selector_keeps_all_when_mass_never_passes():
     keep = select_tokens(torch.zeros(4), topp=1.5, temp=1.0)
     assert keep.tolist() == [0, 1, 2, 3]

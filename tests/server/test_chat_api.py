@@ -238,3 +238,26 @@ def test_selection_extension(client, small_ironing, tiny_lm):
     plain = client.chat.completions.create(model=MODEL, messages=[image_message(QUESTION, data_url(small_ironing))],
                                            max_tokens=2, temperature=0)
     assert "slime" not in (plain.model_extra or {})
+
+
+def test_repeated_image_hits_the_vision_cache_with_identical_answer(server, client, ironing):
+    img = ironing.resize((700, 520))
+    url = data_url(img, "JPEG")
+    hits0 = server.metric("slime_vision_cache_total", 'result="hit"') if _has(server, "hit") else 0.0
+    kwargs = dict(model=MODEL, max_tokens=8, temperature=0)
+    first = client.chat.completions.create(messages=[image_message(QUESTION, url)], **kwargs)
+    # a second turn resends the image with another question: selection reruns on cached features
+    again = client.chat.completions.create(messages=[image_message(QUESTION, url)], **kwargs)
+    other = client.chat.completions.create(messages=[image_message("Describe the left side.", url)], **kwargs)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert server.metric("slime_vision_cache_total", 'result="hit"') == hits0 + 2
+    assert other.usage.prompt_tokens > 576
+
+
+def _has(server, result):
+    try:
+        server.metric("slime_vision_cache_total", f'result="{result}"')
+        return True
+    except KeyError:
+        return False

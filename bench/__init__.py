@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table and saves a plot; results go to BENCHMARKS.md."""

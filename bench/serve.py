@@ -1,0 +1,266 @@
+"""Serving benchmark: throughput and latency against concurrency, side by side.
+
+    OMP_NUM_THREADS=1 python -m bench.serve [--model DIR] [--concurrency 1,2,4,8,16,32]
+        [--max-tokens 256] [--text-max-tokens 64] [--no-peer] [--out artifacts/bench]
+
+Runs in one go, on one machine:
+  1. streamed image+question requests (each its OWN distinct 1000 x 700 image) against our server
+     at each concurrency, fixed output length (`ignore_eos`);
+  2. the same against our server with `--max-batch-size 1` (a server without batching);
+  3. text-only, 16 concurrent non-streamed greedy requests (max 64 tokens): our server and
+     `transformers serve --continuous-batching` on the same LLM weights and prompt template.
+Prints a table per part and saves a plot of throughput and latency against concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from .common import ROOT, Process, free_port, median, pct, single_thread_env, start_slime
+
+QUESTION = "What is unusual about this image?"
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    requests: int = 0
+    wall: float = 0.0
+    image_tokens: list[int] = field(default_factory=list)
+
+    def row(self, label: str) -> dict:
+        return {"label": label, "tok_s": self.tokens / self.wall, "req_s": self.requests / self.wall,
+                "ttft_p50": median(self.ttft), "ttft_p99": pct(self.ttft, 99), "itl_p50": median(self.itl),
+                "itl_p99": pct(self.itl, 99),
+                "image_tokens": float(np.mean(self.image_tokens)) if self.image_tokens else 0.0}
+
+
+def distinct_image(i: int, size=(1000, 700)) -> str:
+    """A different photo-like image per request (no cache can flatter the result)."""
+    rng = np.random.default_rng(1000 + i)
+    small = rng.integers(0, 256, size=(size[1] // 20, size[0] // 20, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict, res: Result) -> None:
+    t0 = time.perf_counter()
+    last = None
+    n = 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                res.tokens += chunk["usage"]["completion_tokens"]
+                res.image_tokens.append(chunk["usage"]["prompt_tokens"])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft.append(now - t0)
+                else:
+                    res.itl.append(now - last)
+                last = now
+                n += 1
+    res.requests += 1
+
+
+async def run_level(url: str, model: str, concurrency: int, images: list[str], max_tokens: int) -> Result:
+    res = Result()
+    queue: asyncio.Queue = asyncio.Queue()
+    for img in images:
+        queue.put_nowait(img)
+
+    async def worker(client):
+        while not queue.empty():
+            img = queue.get_nowait()
+            body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+                    "max_tokens": max_tokens, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                                              {"type": "image_url", "image_url": {"url": img}}]}]}
+            await stream_one(client, url, body, res)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        res.wall = time.perf_counter() - t0
+    return res
+
+
+async def run_text(url: str, model: str, concurrency: int, max_tokens: int, prompts: list[str],
+                   extra: dict | None = None) -> Result:
+    res = Result()
+
+    async def one(client, prompt):
+        body = {"model": model, "temperature": 0, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": prompt}], **(extra or {})}
+        r = await client.post(url + "/v1/chat/completions", json=body)
+        r.raise_for_status()
+        res.tokens += r.json()["usage"]["completion_tokens"]
+        res.requests += 1
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        sem = asyncio.Semaphore(concurrency)
+
+        async def guarded(p):
+            async with sem:
+                await one(client, p)
+
+        await asyncio.gather(*(guarded(p) for p in prompts))
+        res.wall = time.perf_counter() - t0
+    return res
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n## {title}\n")
+    print("| run | conc | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | prompt tok/req |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | {r.get('conc', '')} | {r['tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50'] * 1e3:.0f} | "
+              f"{r['ttft_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} | {r['itl_p99'] * 1e3:.1f} | "
+              f"{r['image_tokens']:.0f} |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in sorted({r["label"] for r in rows}):
+        rs = [r for r in rows if r["label"] == label]
+        xs = [r["conc"] for r in rs]
+        a.plot(xs, [r["tok_s"] for r in rs], marker="o", label=label)
+        b.plot(xs, [r["itl_p50"] * 1e3 for r in rs], marker="o", label=f"{label} ITL p50")
+        b.plot(xs, [r["ttft_p50"] * 1e3 for r in rs], marker="x", linestyle="--", label=f"{label} TTFT p50")
+    a.set(xscale="log", xlabel="concurrency", ylabel="output tokens/s", title="Throughput (image requests)")
+    b.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms", title="Latency")
+    a.legend()
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def start_transformers_serve(llm_dir: Path, log: Path) -> Process:
+    port = free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    args = [str(exe), "serve", str(llm_dir), "--port", str(port), "--continuous-batching",
+            "--cb-num-blocks", "64", "--cb-block-size", "32", "--cb-max-batch-tokens", "512"]
+    return Process(args, f"http://127.0.0.1:{port}", "/health", log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the tiny one, built under .cache/)")
+    ap.add_argument("--concurrency", default="1,2,4,8,16,32")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--text-max-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(concurrency, 4)")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers serve")
+    ap.add_argument("--no-unbatched", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else ROOT / ".cache" / "tiny-slime"
+    if not (model / "config.json").exists():
+        from weights.make_tiny import make_tiny
+
+        make_tiny(model)
+    name = model.name
+    levels = [int(x) for x in args.concurrency.split(",")]
+    rows: list[dict] = []
+    image_id = 0
+    runs = [("slime (batched)", [])] + ([] if args.no_unbatched else [("slime --max-batch-size 1",
+                                                                        ["--max-batch-size", "1"])])
+    for label, extra in runs:
+        server = start_slime(model, out / f"server-{len(rows)}.log", "--max-batch-size",
+                             str(max(levels)) if not extra else "1", "--max-waiting-requests", "256")
+        try:
+            asyncio.run(run_level(server.url, name, 1, [distinct_image(999_999)], 8))  # warm-up
+            for c in levels:
+                n = args.requests_per_level or max(c, 4)
+                images = [distinct_image(image_id + i) for i in range(n)]
+                image_id += n
+                r = asyncio.run(run_level(server.url, name, c, images, args.max_tokens)).row(label)
+                r["conc"] = c
+                rows.append(r)
+                print(f"{label} c={c}: {r['tok_s']:.1f} tok/s, ITL p50 {r['itl_p50'] * 1e3:.1f} ms", flush=True)
+        finally:
+            server.stop()
+    print_table("Streamed image requests (distinct 1000 x 700 images)", rows)
+    plot(rows, out / "serve.png")
+    summary = {"image": rows}
+    solo = next((r for r in rows if r["label"] == "slime (batched)" and r["conc"] == 1), None)
+    at16 = next((r for r in rows if r["label"] == "slime (batched)" and r["conc"] == 16), None)
+    if solo and at16:
+        print(f"\nbatched c=16 vs c=1: throughput x{at16['tok_s'] / solo['tok_s']:.2f}, "
+              f"ITL p50 ratio {at16['itl_p50'] / solo['itl_p50']:.2f}")
+
+    # Text-only, side by side with transformers serve on the same LLM weights.
+    prompts = [f"Describe picture number {i} in detail, please." for i in range(32)]
+    text_rows = []
+    server = start_slime(model, out / "server-text.log", "--max-batch-size", "16", "--max-waiting-requests", "64")
+    try:
+        asyncio.run(run_text(server.url, name, 1, 4, prompts[:1]))
+        r = asyncio.run(run_text(server.url, name, 16, args.text_max_tokens, prompts, {"ignore_eos": True})).row(
+            "slime")
+        r["conc"] = 16
+        text_rows.append(r)
+        r = asyncio.run(run_text(server.url, name, 1, args.text_max_tokens, prompts[:4], {"ignore_eos": True})).row(
+            "slime (one at a time)")
+        r["conc"] = 1
+        text_rows.append(r)
+    finally:
+        server.stop()
+    if not args.no_peer:
+        from weights.export_llm import export_llm
+
+        llm_dir = export_llm(model, ROOT / ".cache" / f"{name}-llm")
+        peer = start_transformers_serve(llm_dir, out / "transformers-serve.log")
+        try:
+            peer_model = str(llm_dir)
+            asyncio.run(run_text(peer.url, peer_model, 1, 4, prompts[:1]))
+            # transformers serve has no ignore_eos: a random model rarely emits EOS within 64 tokens;
+            # tokens/s counts the tokens it really produced.
+            r = asyncio.run(run_text(peer.url, peer_model, 16, args.text_max_tokens, prompts)).row(
+                "transformers serve --continuous-batching")
+            r["conc"] = 16
+            text_rows.append(r)
+            r = asyncio.run(run_text(peer.url, peer_model, 1, args.text_max_tokens, prompts[:4])).row(
+                "transformers serve (one at a time)")
+            r["conc"] = 1
+            text_rows.append(r)
+        finally:
+            peer.stop()
+    print_table("Text-only, non-streamed greedy", text_rows)
+    if len(text_rows) >= 3:
+        print(f"\nslime vs transformers serve at 16: x{text_rows[0]['tok_s'] / text_rows[2]['tok_s']:.2f} tokens/s")
+    summary["text"] = text_rows
+    (out / "serve.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nplot: {out / 'serve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
