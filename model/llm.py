@@ -69,6 +69,30 @@ def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Te
     return out
 
 
+KEY_BUCKET = 64
+
+
+def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, lengths: list[int],
+                              num_kv_heads: int) -> torch.Tensor:
+    """Batch-invariant decode attention: q `[B, H, 1, hd]` over slots 0..B-1 of the cache, sequence
+    i seeing its first `lengths[i]` keys -> `[B, H, 1, hd]`.
+
+    Keys are read up to a multiple of KEY_BUCKET and the rest masked. Each score is its own dot
+    product, and the softmax and value sums see the valid keys at the same offsets whatever the
+    padding, so a row's result does not depend on the other rows (checked bit for bit in tests),
+    while the whole batch is two matmuls instead of one kernel call per sequence.
+    """
+    b, h, _, hd = q.shape
+    span = -(-max(lengths) // KEY_BUCKET) * KEY_BUCKET
+    span = min(span, ck.shape[2])
+    qg = q.view(b, num_kv_heads, h // num_kv_heads, hd)  # query heads grouped by their KV head
+    scores = torch.matmul(qg, ck[:b, :, :span].transpose(-1, -2)) * hd**-0.5  # [B, Hkv, g, span]
+    lens = torch.tensor(lengths, device=q.device).view(b, 1, 1, 1)
+    scores = scores.masked_fill(torch.arange(span, device=q.device) >= lens, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), cv[:b, :, :span])  # [B, Hkv, g, hd]
+    return out.view(b, h, 1, hd)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -101,11 +125,8 @@ class Attention(nn.Module):
         if step.positions is not None:  # decode: sequence i sits in slot i
             ck[step.slots, :, step.positions] = k[:, :, 0]
             cv[step.slots, :, step.positions] = v[:, :, 0]
-            if step.per_row and step.mask is not None:
-                # Masked keys change the kernel's blocking: attend each row over its own length.
-                out = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], ck[i:i + 1, :, :n], cv[i:i + 1, :, :n],
-                                                                enable_gqa=gqa)
-                                 for i, n in enumerate(step.lengths)])
+            if step.per_row:
+                out = bucketed_decode_attention(q, ck, cv, step.lengths, self.num_kv_heads)
                 return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
             k, v = ck[:b, :, :step.length], cv[:b, :, :step.length]
         else:
@@ -197,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[B, D]` (or `[D]`) -> float32 logits `[B, V]`."""
-        if self.batch_invariant and hidden.dim() == 2 and hidden.shape[0] > 1:
+        if self.batch_invariant and hidden.dim() == 2:
             return linear(self.lm_head, hidden.unsqueeze(1), True)[:, 0].float()
         return self.lm_head(hidden).float()
 
@@ -232,7 +253,7 @@ class LlamaForCausalLM(nn.Module):
         if min(positions) != length - 1:
             mask = (torch.arange(length, device=device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, length)
         step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask,
-                    per_row=self.batch_invariant and b > 1, lengths=[p + 1 for p in positions])
+                    per_row=self.batch_invariant, lengths=[p + 1 for p in positions])
         return self._run(embeds.unsqueeze(1), pos.view(b, 1), cache, step, length)[:, 0]
 
 
@@ -247,5 +268,5 @@ class Step:
     length: int = 0  # decode: keys read per sequence
     mask: torch.Tensor | None = None  # boolean, True = attend
     causal: bool = False
-    per_row: bool = False  # batch-invariant decode: 1-row linears, per-row attention
+    per_row: bool = False  # batch-invariant decode: 1-row linears, bucketed attention
     lengths: list[int] | None = None  # decode: keys per sequence

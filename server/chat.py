@@ -236,6 +236,14 @@ class ChatService:
                 body["usage"] = usage
             return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
 
+        # The per-token chunk is the hot path: only the text is serialised per token.
+        head = json.dumps(base, ensure_ascii=False)[:-1]
+        tail = ', "usage": null}\n\n' if include_usage else "}\n\n"
+
+        def content_chunk(i: int, text: str) -> str:
+            return (f'data: {head}, "choices": [{{"index": {i}, "delta": {{"content": '
+                    f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}]{tail}')
+
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, stream) -> None:
@@ -266,9 +274,11 @@ class ChatService:
                     return
                 prompt = ev.prompt_tokens or prompt
                 images = ev.images or images
-                lp = {"content": self._logprobs(ev)} if req.logprobs else None
-                if ev.text or lp:
+                if req.logprobs:
+                    lp = {"content": self._logprobs(ev)}
                     yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
+                elif ev.text:
+                    yield content_chunk(i, ev.text)
                 if ev.finish_reason:
                     completion += ev.completion_tokens
                     final = {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}

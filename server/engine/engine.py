@@ -17,6 +17,11 @@ from .types import EngineRequest, Event
 log = logging.getLogger(__name__)
 
 
+def _deliver(items) -> None:
+    for stream, event in items:
+        stream.queue.put_nowait(event)
+
+
 class RequestStream:
     """Async iterator over one request's events; `aclose()` (or garbage collection) before the
     final event aborts the request."""
@@ -75,6 +80,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._by_id: dict[str, Sequence] = {}
+        self._outbox: list = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.alive = False
@@ -127,10 +133,21 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     def _emit(self, request_id: str, event: Event) -> None:
+        """Queue an event; `_flush` hands a step's events to the event loop in one wake-up."""
         stream = self._streams.get(request_id)
         if stream is not None:
+            self._outbox.append((stream, event))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        by_loop: dict = {}
+        for stream, event in batch:
+            by_loop.setdefault(stream.loop, []).append((stream, event))
+        for loop, items in by_loop.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+                loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # loop closed
                 pass
 
@@ -161,6 +178,7 @@ class Engine:
                     log.exception("engine step failed")
                     for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
                         self._fail(seq, "internal error in the engine step")
+            self._flush()
             self._update_gauges()
         self.alive = False
         for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
@@ -169,6 +187,7 @@ class Engine:
             req = self.scheduler.waiting.popleft()
             self._emit(req.request_id, Event(finish_reason="error", error="the server is shutting down",
                                              error_status=503, error_type="unavailable"))
+        self._flush()
 
     def _handle(self, item) -> None:
         kind, payload = item

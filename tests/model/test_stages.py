@@ -197,3 +197,26 @@ def test_llm_matches_transformers_llama(tiny_dir, tiny_lm):
         h = llm.decode(torch.stack([embeds[0, 36], embeds[0, 20]]), [36, 20], cache)
         assert torch.allclose(llm.logits(h[0]), expect[36], atol=1e-4)
         assert torch.allclose(llm.logits(h[1]), expect[20], atol=1e-4)
+
+
+def test_decode_is_batch_invariant_on_cpu(tiny_lm):
+    """float32 on the CPU: a sequence's logits are bit-identical alone and among 15 others."""
+    llm = tiny_lm.model.llm
+    assert llm.batch_invariant
+    cfg = tiny_lm.cfg
+    torch.manual_seed(0)
+    embeds = torch.randn(16, 1400, cfg.hidden_size)
+    lengths = [700 + 41 * i for i in range(16)]
+
+    def run(rows):
+        cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=16, num_kv_heads=cfg.num_key_value_heads,
+                        max_len=1500, head_dim=cfg.dim_head, dtype=torch.float32, device="cpu")
+        for slot, i in enumerate(rows):
+            llm.prefill(embeds[i, :lengths[i]], cache, slot=slot, start=0)
+        h = llm.decode(torch.stack([embeds[i, 1399] for i in rows]), [lengths[i] for i in rows], cache)
+        return llm.logits(h)
+
+    together = run(list(range(16)))
+    for i in (0, 7, 15):
+        assert torch.equal(run([i])[0], together[i])
+    assert torch.equal(run([3, 9])[1], together[9])
