@@ -72,7 +72,7 @@ class Engine:
     """
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk: int = 512,
-                 metrics=None):
+                 metrics=None, vision_thread: bool = True):
         self.runner = runner
         self.scheduler = Scheduler(num_slots=max_batch_size)
         self.prefill_chunk = prefill_chunk
@@ -82,6 +82,12 @@ class Engine:
         self._by_id: dict[str, Sequence] = {}
         self._outbox: list = []
         self._thread: threading.Thread | None = None
+        # Vision stage: CLIP and the adapters run on their own thread, beside decoding, so a new
+        # request's images never stall the running streams (torch releases the GIL).
+        self._vision_inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._vision_thread: threading.Thread | None = None
+        self.use_vision_thread = vision_thread
+        self.in_vision = 0
         self._stop = threading.Event()
         self.alive = False
         self.steps = 0
@@ -92,17 +98,23 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="slime-engine", daemon=True)
         self.alive = True
         self._thread.start()
+        if self.use_vision_thread:
+            self._vision_thread = threading.Thread(target=self._vision_loop, name="slime-vision", daemon=True)
+            self._vision_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._inbox.put(("wake", None))
+        self._vision_inbox.put(None)
         if self._thread:
             self._thread.join(timeout)
+        if self._vision_thread:
+            self._vision_thread.join(timeout)
         self.alive = False
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + self._inbox.qsize()
+        return len(self.scheduler.waiting) + self._inbox.qsize() + self.in_vision
 
     @property
     def num_running(self) -> int:
@@ -189,12 +201,51 @@ class Engine:
                                              error_status=503, error_type="unavailable"))
         self._flush()
 
+    def _vision_loop(self) -> None:
+        while True:
+            req = self._vision_inbox.get()
+            if req is None or self._stop.is_set():
+                return
+            if req.request_id not in self._streams:  # aborted while queued
+                self._inbox.put(("vision_done", (req, None)))
+                continue
+            t0 = time.perf_counter()
+            try:
+                if self.fault_injector:
+                    self.fault_injector("vision")
+                req.features = self.runner.encode(req.images)
+                req.vision_seconds = time.perf_counter() - t0
+                self._inbox.put(("vision_done", (req, None)))
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                log.exception("vision encoding failed for %s", req.request_id)
+                self._inbox.put(("vision_done", (req, e)))
+
     def _handle(self, item) -> None:
         kind, payload = item
         if kind == "add":
             if payload.request_id not in self._streams:  # consumer already gone
                 return
-            self.scheduler.add(payload)
+            if self.use_vision_thread and payload.images:
+                self.in_vision += 1
+                self._vision_inbox.put(payload)
+            else:
+                self.scheduler.add(payload)
+        elif kind == "vision_done":
+            req, error = payload
+            self.in_vision -= 1
+            if req.request_id not in self._streams:
+                return
+            if error is not None:
+                status, etype = (503, "unavailable") if isinstance(error, CacheMiss) else (500, "server_error")
+                msg = str(error) if isinstance(error, CacheMiss) else "model error during vision encoding"
+                self._emit(req.request_id, Event(finish_reason="error", error=msg, error_status=status,
+                                                 error_type=etype))
+                if self.metrics:
+                    self.metrics.requests.labels("error", "error").inc()
+                return
+            if self.metrics and req.vision_seconds:
+                self.metrics.vision.observe(req.vision_seconds)
+            self.scheduler.add(req)
         elif kind == "abort":
             if self.scheduler.drop_waiting(payload) is not None:
                 return
@@ -222,8 +273,10 @@ class Engine:
                     self.metrics.queue_time.observe(seq.scheduled_time - req.arrival)
                 if self.fault_injector:
                     self.fault_injector("prefill")
-                timings = self.runner.begin(seq)
-                self._record_images(seq, timings)
+                t0 = time.perf_counter()
+                inline_vision = seq.request.features is None and bool(seq.request.images)
+                self.runner.begin(seq)
+                self._record_images(seq, {"vision": time.perf_counter() - t0} if inline_vision else {})
             first = self.runner.prefill_chunk(seq, self.prefill_chunk)
         except Exception as e:  # noqa: BLE001 - fail this request only
             log.exception("prefill failed for %s", req.request_id)
@@ -328,6 +381,6 @@ class Engine:
             return
         sched = self.scheduler
         m.running.set(sched.num_running)
-        m.waiting.set(len(sched.waiting))
+        m.waiting.set(len(sched.waiting) + self.in_vision)
         used = sum(s.length for s in sched.decoding) + (sched.prefilling.prefilled if sched.prefilling else 0)
         m.kv_usage.set(used / (sched.num_slots * self.runner.max_model_len))

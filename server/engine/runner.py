@@ -103,13 +103,12 @@ class ModelRunner:
 
     # -- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def begin(self, seq: Sequence) -> dict[str, float]:
-        """Vision encoding and prompt embedding for a newly admitted sequence."""
-        req = seq.request
-        timings: dict[str, float] = {}
-        feats: list[ImageFeatures | None] = [None] * len(req.images)
+    def encode(self, images: list) -> list[ImageFeatures]:
+        """Vision stage (its own thread): CLIP and both adapters for the images not in the cache.
+        Touches only the vision modules, never the KV cache."""
+        feats: list[ImageFeatures | None] = [None] * len(images)
         todo = []
-        for i, img in enumerate(req.images):
+        for i, img in enumerate(images):
             if img.pixels is None:  # the chat layer found it in the cache
                 hit = self.vision_cache.take(img.digest) if self.vision_cache else None
                 if hit is None:
@@ -118,15 +117,21 @@ class ModelRunner:
             else:
                 todo.append(i)
         if todo:
-            t0 = time.perf_counter()
-            new = self.model.encode_images([torch.from_numpy(req.images[i].pixels) for i in todo],
-                                           [req.images[i].grid for i in todo])
+            new = self.model.encode_images([torch.from_numpy(images[i].pixels) for i in todo],
+                                           [images[i].grid for i in todo])
             for i, f in zip(todo, new):
                 feats[i] = f
-                if self.vision_cache and req.images[i].digest:
-                    self.vision_cache.put(req.images[i].digest, f)
-            timings["vision"] = time.perf_counter() - t0
+                if self.vision_cache and images[i].digest:
+                    self.vision_cache.put(images[i].digest, f)
+        return feats  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def begin(self, seq: Sequence) -> None:
+        """Selection and prompt embedding for a newly admitted sequence (features ready)."""
+        req = seq.request
+        feats = req.features if req.features is not None else self.encode(req.images)
         embeds, reports = self.model.embed_prompt(req.input_ids, feats, with_mask=req.with_selection)  # [T, D]
+        req.features = None
         seq.embeds = embeds
         seq.prompt_len = embeds.shape[0]
         if seq.prompt_len + req.params.max_tokens > self.max_model_len:
@@ -135,7 +140,6 @@ class ModelRunner:
                              IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
                                                     [t for t in req.input_ids[-4:] if t >= 0]))
         seq.state.images = reports
-        return timings
 
     @torch.inference_mode()
     def prefill_chunk(self, seq: Sequence, chunk: int) -> tuple[int, TokenLogprob | None] | None:

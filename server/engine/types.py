@@ -18,6 +18,8 @@ class EngineRequest:
     max_prompt_tokens: int  # upper bound (image rows before selection), checked at admission
     with_selection: bool = False  # report per-image kept masks (playground extension)
     arrival: float = field(default_factory=time.monotonic)
+    features: list[Any] | None = None  # model.modeling.ImageFeatures, set by the vision stage
+    vision_seconds: float = 0.0
 
 
 @dataclass
