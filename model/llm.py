@@ -72,23 +72,28 @@ def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Te
 KEY_BUCKET = 64
 
 
-def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, lengths: list[int],
-                              num_kv_heads: int) -> torch.Tensor:
-    """Batch-invariant decode attention: q `[B, H, 1, hd]` over slots 0..B-1 of the cache, sequence
-    i seeing its first `lengths[i]` keys -> `[B, H, 1, hd]`.
+def bucket_mask(lengths: list[int], max_len: int, device: torch.device) -> torch.Tensor:
+    """`[B, 1, 1, span]` True where a key is padding; span = max length rounded up to KEY_BUCKET."""
+    span = min(-(-max(lengths) // KEY_BUCKET) * KEY_BUCKET, max_len)
+    lens = torch.tensor(lengths, device=device).view(-1, 1, 1, 1)
+    return torch.arange(span, device=device) >= lens
 
-    Keys are read up to a multiple of KEY_BUCKET and the rest masked. Each score is its own dot
-    product, and the softmax and value sums see the valid keys at the same offsets whatever the
-    padding, so a row's result does not depend on the other rows (checked bit for bit in tests),
-    while the whole batch is two matmuls instead of one kernel call per sequence.
+
+def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, pad: torch.Tensor,
+                              num_kv_heads: int) -> torch.Tensor:
+    """Batch-invariant decode attention: q `[B, H, 1, hd]` over slots 0..B-1 of the cache, keys
+    up to a multiple of KEY_BUCKET with `pad` (see `bucket_mask`) masked -> `[B, H, 1, hd]`.
+
+    Each score is its own dot product, and the softmax and value sums see the valid keys at the
+    same offsets whatever the padding, so a row's result does not depend on the other rows
+    (checked bit for bit in tests), while the whole batch is two matmuls instead of one kernel
+    call per sequence.
     """
     b, h, _, hd = q.shape
-    span = -(-max(lengths) // KEY_BUCKET) * KEY_BUCKET
-    span = min(span, ck.shape[2])
+    span = pad.shape[-1]
     qg = q.view(b, num_kv_heads, h // num_kv_heads, hd)  # query heads grouped by their KV head
     scores = torch.matmul(qg, ck[:b, :, :span].transpose(-1, -2)) * hd**-0.5  # [B, Hkv, g, span]
-    lens = torch.tensor(lengths, device=q.device).view(b, 1, 1, 1)
-    scores = scores.masked_fill(torch.arange(span, device=q.device) >= lens, float("-inf"))
+    scores = scores.masked_fill(pad, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), cv[:b, :, :span])  # [B, Hkv, g, hd]
     return out.view(b, h, 1, hd)
 
@@ -126,7 +131,7 @@ class Attention(nn.Module):
             ck[step.slots, :, step.positions] = k[:, :, 0]
             cv[step.slots, :, step.positions] = v[:, :, 0]
             if step.per_row:
-                out = bucketed_decode_attention(q, ck, cv, step.lengths, self.num_kv_heads)
+                out = bucketed_decode_attention(q, ck, cv, step.pad, self.num_kv_heads)
                 return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
             k, v = ck[:b, :, :step.length], cv[:b, :, :step.length]
         else:
@@ -250,10 +255,11 @@ class LlamaForCausalLM(nn.Module):
         length = max(positions) + 1
         pos = torch.tensor(positions, device=device)
         mask = None  # all at one length: every cached key up to `length` is valid
-        if min(positions) != length - 1:
+        if not self.batch_invariant and min(positions) != length - 1:
             mask = (torch.arange(length, device=device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, length)
+        pad = bucket_mask([p + 1 for p in positions], cache.max_len, device) if self.batch_invariant else None
         step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask,
-                    per_row=self.batch_invariant, lengths=[p + 1 for p in positions])
+                    per_row=self.batch_invariant, pad=pad)
         return self._run(embeds.unsqueeze(1), pos.view(b, 1), cache, step, length)[:, 0]
 
 
@@ -269,4 +275,4 @@ class Step:
     mask: torch.Tensor | None = None  # boolean, True = attend
     causal: bool = False
     per_row: bool = False  # batch-invariant decode: 1-row linears, bucketed attention
-    lengths: list[int] | None = None  # decode: keys per sequence
+    pad: torch.Tensor | None = None  # decode, batch-invariant: padding keys (see bucket_mask)
