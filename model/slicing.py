@@ -7,6 +7,8 @@ before any GPU work, so they must agree with what the model produces (tests chec
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,17 +80,75 @@ def count_image_tokens(width: int, height: int, *, num_patches: int = 576, local
                            local_tokens=tiles * local_per_tile if has_local else 0)
 
 
+_POOL: ThreadPoolExecutor | None = None
+_PARALLEL_MIN_PIXELS = 1_000_000  # below this, threads cost more than they save
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="slime-resize")
+    return _POOL
+
+
+def _strips(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def resize_bicubic(images: list[Image.Image], sizes: list[tuple[int, int]], parts: int = 0) -> list[Image.Image]:
+    """`[im.resize(size, BICUBIC) for ...]`, bit for bit, computed in parallel strips.
+
+    Pillow resamples horizontally, then vertically, through an 8-bit intermediate. Every output
+    row of the horizontal pass depends on one input row and every column of the vertical pass on
+    one column, so both passes split into strips that give exactly Pillow's pixels, and Pillow
+    releases the GIL while it resamples.
+    """
+    if all(im.width * im.height < _PARALLEL_MIN_PIXELS for im in images):
+        return [im.resize(size, Image.Resampling.BICUBIC) for im, size in zip(images, sizes)]
+    pool = _pool()
+    parts = parts or pool._max_workers
+
+    def run_pass(ims: list[Image.Image], targets: list[int], horizontal: bool) -> list[Image.Image]:
+        # Submit every strip of every image first, so that the workers never idle between images.
+        plans = []
+        for im, target in zip(ims, targets):
+            if target == (im.width if horizontal else im.height):
+                plans.append((im, None))
+                continue
+            jobs = []
+            for a, b in _strips(im.height if horizontal else im.width, parts):
+                box = (0, a, im.width, b) if horizontal else (a, 0, b, im.height)
+                size = (target, b - a) if horizontal else (b - a, target)
+                jobs.append((a, pool.submit(lambda box=box, size=size, im=im: im.crop(box).resize(
+                    size, Image.Resampling.BICUBIC))))
+            plans.append((im, jobs))
+        out = []
+        for (im, jobs), target in zip(plans, targets):
+            if jobs is None:
+                out.append(im)
+                continue
+            full = Image.new(im.mode, (target, im.height) if horizontal else (im.width, target))
+            for a, job in jobs:
+                full.paste(job.result(), (0, a) if horizontal else (a, 0))
+            out.append(full)
+        return out
+
+    wide = run_pass(images, [size[0] for size in sizes], horizontal=True)
+    return run_pass(wide, [size[1] for size in sizes], horizontal=False)
+
+
 def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[list[Image.Image], tuple[int, int]]:
     """RGB image -> ([global view, tile_0, ..., tile_{P-1}], (cols, rows)), tiles in raster order."""
     width, height = image.size
     cols, rows = choose_grid(width, height, view_size=view_size)
     tw, th = cols * view_size, rows * view_size
     nw, nh = resized_size(width, height, (tw, th))
+    resized, global_view = resize_bicubic([image, image], [(nw, nh), (view_size, view_size)])
     canvas = Image.new("RGB", (tw, th), (0, 0, 0))
-    canvas.paste(image.resize((nw, nh), Image.Resampling.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+    canvas.paste(resized, ((tw - nw) // 2, (th - nh) // 2))
     tiles = [canvas.crop((c * view_size, r * view_size, (c + 1) * view_size, (r + 1) * view_size))
              for r in range(rows) for c in range(cols)]
-    global_view = image.resize((view_size, view_size), Image.Resampling.BICUBIC)
     return [global_view, *tiles], (cols, rows)
 
 
