@@ -7,53 +7,56 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Lists come from the environment as comma-separated text (SLIME_API_KEY=k1,k2), not JSON.
+StrList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIME_", extra="ignore")
 
     model: str | None = Field(None, description="checkpoint directory (none: the tiny demo checkpoint)")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: Literal["none", "8bit", "4bit"] = "none"
-    served_model_name: str | None = None
-    chat_template: Literal["auto", "vicuna_v1", "llama3"] = "auto"
-    allow_download: bool = False
-    cache_dir: Path = Path.home() / ".cache" / "slime-serve"
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
+    port: int = Field(8000, description="HTTP port")
+    device: str = Field("auto", description="auto | cuda | cuda:N | cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes weights for the LLM")
+    served_model_name: str | None = Field(None, description="model id in the API (default: directory name)")
+    chat_template: Literal["auto", "vicuna_v1", "llama3"] = Field("auto", description="auto: llama3 if the tokenizer knows <|eot_id|>")
+    allow_download: bool = Field(False, description="fetch a hub CLIP tower named by the checkpoint")
+    cache_dir: Path = Field(Path.home() / ".cache" / "slime-serve", description="where the demo checkpoint is built")
     # engine
-    max_batch_size: int = Field(16, ge=1, le=256)
-    max_waiting_requests: int = Field(64, ge=0)
-    max_model_len: int = Field(4096, ge=64)
-    default_max_tokens: int = Field(256, ge=1)
-    max_tokens_cap: int = Field(4096, ge=1)
-    prefill_chunk: int = Field(512, ge=16)
-    vision_cache_mb: int = Field(256, ge=0)
+    max_batch_size: int = Field(16, ge=1, le=256, description="KV-cache slots = sequences decoded together")
+    max_waiting_requests: int = Field(64, ge=0, description="queue bound; beyond it 429")
+    max_model_len: int = Field(4096, ge=64, description="positions per sequence (prompt with image rows + output)")
+    default_max_tokens: int = Field(256, ge=1, description="when a request gives none")
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens accepted")
+    prefill_chunk: int = Field(512, ge=16, description="prompt positions per engine step")
+    vision_cache_mb: int = Field(256, ge=0, description="vision-feature cache size (0: off)")
     # request limits
-    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_images_per_request: int = Field(8, ge=0)
-    max_image_pixels: int = Field(64_000_000, ge=1)
-    max_messages: int = Field(256, ge=1)
-    max_n: int = Field(8, ge=1)
-    max_stop: int = Field(4, ge=0)
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_images_per_request: int = Field(8, ge=0, description="images in one request")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="width x height, checked before decoding")
+    max_messages: int = Field(256, ge=1, description="messages in one request")
+    max_n: int = Field(8, ge=1, description="largest n")
+    max_stop: int = Field(4, ge=0, description="stop strings per request")
     # image URLs (off: data: URLs only)
-    allow_image_urls: bool = False
-    image_url_domains: list[str] = Field(default_factory=list, description="allow-list (empty: any public host)")
-    image_url_timeout: float = Field(10.0, gt=0)
-    image_url_max_redirects: int = Field(3, ge=0, le=10)
+    allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (SSRF-guarded)")
+    image_url_domains: StrList = Field(default_factory=list, description="allow-list (empty: any public host)")
+    image_url_timeout: float = Field(10.0, gt=0, description="seconds per image fetch")
+    image_url_max_redirects: int = Field(3, ge=0, le=10, description="redirect hops, each re-checked")
     image_url_allow_private: bool = Field(False, description="testing only: lets private addresses through")
     # access
-    api_key: list[str] = Field(default_factory=list)
+    api_key: StrList = Field(default_factory=list, description="Bearer keys (comma-separated in the env)")
     protect_metrics: bool = Field(False, description="require the API key on /metrics too")
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: StrList = Field(default_factory=list, description="allowed browser origins (off when empty)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text or one JSON object per line")
+    log_level: str = Field("info", description="debug | info | warning | error")
 
     @field_validator("api_key", "image_url_domains", "cors_origins", mode="before")
     @classmethod

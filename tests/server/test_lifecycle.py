@@ -34,3 +34,14 @@ def test_ready_is_503_until_loaded_then_200(tiny_dir):
     finally:
         gate.set()
         s.stop()
+
+
+def test_settings_from_env_and_flags(monkeypatch):
+    from server.settings import Settings, parse_args
+
+    monkeypatch.setenv("SLIME_API_KEY", "k1,k2")
+    monkeypatch.setenv("SLIME_MAX_BATCH_SIZE", "4")
+    s = Settings()
+    assert s.api_key == ["k1", "k2"] and s.max_batch_size == 4
+    s = parse_args(["--max-batch-size", "3", "--api-key", "x", "--allow-image-urls"])
+    assert s.max_batch_size == 3 and s.api_key == ["x"] and s.allow_image_urls
