@@ -2,9 +2,11 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# torch==2.13.0 is the CPU build on machines without a GPU; `make run TORCH_SPEC=torch` for CUDA.
 TORCH_SPEC ?= torch==2.13.0
+DEPLOY_APT := podman buildah runc debootstrap nginx prometheus
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-deploy bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +20,22 @@ run: setup
 	$(BIN)/python -m server $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not deploy" $(PYTEST_ARGS)
+
+# Containers (Podman), nginx scale-out, Prometheus scrape and config validators.
+test-deploy: setup
+	$(BIN)/pip install -q -e ".[deploy]"
+	@missing=""; for p in $(DEPLOY_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (install them to run every deployment check)"; fi; \
+	fi
+	$(BIN)/python -m pytest -q -m deploy $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.serve
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache artifacts

@@ -140,6 +140,11 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
 
     @app.get("/health")
     async def health():
+        # Liveness: fails only when restarting is the cure (the model failed to load, or the
+        # engine loop died after starting); loading and draining are still alive.
+        if state.load_error or (state.engine is not None and not state.engine.alive and not state.shutting_down):
+            return JSONResponse({"status": "dead", "detail": state.load_error or "engine loop stopped"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")

@@ -322,6 +322,7 @@ def test_dead_engine_loop_makes_ready_503(tiny_dir):
     try:
         s.state.engine.stop()
         assert httpx.get(s.url + "/ready").status_code == 503
+        assert httpx.get(s.url + "/health").status_code == 503  # liveness fails: restart me
         assert_error(post(s, hi()), 503)
     finally:
         s.stop()

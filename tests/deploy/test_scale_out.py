@@ -1,0 +1,139 @@
+"""Two server processes behind a real nginx (our docker/nginx/nginx.conf, upstreams pointed at
+127.0.0.1), and a real Prometheus scraping a running server."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+from tests.deploy.conftest import tool
+from tests.server.conftest import free_port
+
+pytestmark = pytest.mark.deploy
+
+
+def start_server(tiny_dir, port):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_dir), "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(url, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+@pytest.fixture(scope="module")
+def two_servers(tiny_dir):
+    ports = [free_port(), free_port()]
+    procs = [start_server(tiny_dir, p) for p in ports]
+    try:
+        for p in ports:
+            wait_ready(f"http://127.0.0.1:{p}")
+        yield procs, ports
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+
+
+def nginx_config(repo, tmp_path, ports, listen):
+    conf = (repo / "docker/nginx/nginx.conf").read_text()
+    servers = "".join(f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=15s;\n" for p in ports)
+    conf, n = re.subn(r"        server slime-replica:8000[^\n]*\n", servers, conf)
+    assert n == 1
+    conf = re.sub(r"    resolver [^\n]*\n", "", conf)
+    conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
+    conf = conf.replace("worker_processes auto;", f"worker_processes 1;\npid {tmp_path}/nginx.pid;\n"
+                                                   f"error_log {tmp_path}/error.log;")
+    path = tmp_path / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def test_nginx_balances_streams_and_survives_a_dead_replica(repo, tmp_path, two_servers):
+    nginx = tool("nginx", "the Debian package nginx")
+    procs, ports = two_servers
+    listen = free_port()
+    conf = nginx_config(repo, tmp_path, ports, listen)
+    lb = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{listen}"
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/lb-health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                "stream": True, "stream_options": {"include_usage": True}}
+
+        def stream_ok():
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                assert r.status_code == 200, r.read()
+                lines = [x for x in r.iter_lines() if x]
+            assert lines[-1] == "data: [DONE]"
+            return json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 8
+
+        assert all(stream_ok() for _ in range(6))
+        # both replicas served traffic (least_conn with sequential requests alternates)
+        served = [float(re.search(r"^slime_generation_tokens_total (\S+)", httpx.get(
+            f"http://127.0.0.1:{p}/metrics").text, re.M).group(1)) for p in ports]
+        assert all(s > 0 for s in served), served
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        assert all(stream_ok() for _ in range(6))  # the load balancer keeps answering
+    finally:
+        lb.terminate()
+        lb.wait(10)
+
+
+def test_prometheus_scrapes_slime_series(repo, tmp_path, two_servers):
+    prometheus = tool("prometheus", "the Debian package prometheus")
+    _, ports = two_servers
+    port = ports[1]
+    httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+               json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: slime\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n")
+    web = free_port()
+    prom = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{web}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        result = []
+        while time.time() < deadline and not result:
+            time.sleep(1)
+            try:
+                r = httpx.get(f"http://127.0.0.1:{web}/api/v1/query",
+                              params={"query": '{__name__=~"slime_.*"}'}, timeout=5)
+                result = r.json()["data"]["result"] if r.status_code == 200 else []
+            except httpx.TransportError:
+                pass
+        names = {s["metric"]["__name__"] for s in result}
+        assert "slime_generation_tokens_total" in names and "slime_num_requests_running" in names, names
+    finally:
+        prom.terminate()
+        prom.wait(20)
