@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEPLOY_APT := podman buildah runc debootstrap nginx prometheus
 
-.PHONY: setup run test test-deploy bench clean
+BROWSER_APT := chromium chromium-driver
+
+.PHONY: setup run test test-deploy browser-deps bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +34,14 @@ test-deploy: setup
 	  else echo "missing Debian packages:$$missing (install them to run every deployment check)"; fi; \
 	fi
 	$(BIN)/python -m pytest -q -m deploy $(PYTEST_ARGS)
+
+# Debian's Chromium for the playground's browser tests (they skip, saying why, without it).
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_APT) >/dev/null; \
+	  else echo "chromium missing: browser tests will be skipped (apt-get install $(BROWSER_APT))"; fi; \
+	fi
 
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"

@@ -1,0 +1,141 @@
+"""The playground in a real headless Chromium (Debian's), against the real server."""
+
+import io
+import shutil
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, photo
+from tests.server.conftest import LiveServer
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = ROOT / "artifacts" / "browser"
+
+
+@pytest.fixture(scope="module")
+def site(tiny_dir):
+    from server.settings import Settings
+
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_tokens_cap=4096)).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not CHROMIUM or not DRIVER:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, predicate, timeout=60, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate(driver)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def by_id(driver, i):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, i)
+
+
+def fresh_page(driver, site):
+    driver.get(site.url + "/")
+    wait(driver, lambda d: by_id(d, "model").text.startswith("model: "), what="model name")
+    by_id(driver, "clear").click()
+
+
+def test_upload_ask_stream_and_overlay_matches_server(browser, site, tiny_lm):
+    from model.generation import generate
+    from model.images import load_image
+    from model.sampling import SamplingParams
+    from model.templates import Message
+
+    fresh_page(browser, site)
+    image = photo("extreme_ironing.jpg")
+    by_id(browser, "file").send_keys(str(image))
+    wait(browser, lambda d: d.find_elements("css selector", "#pending img"), what="image preview")
+    by_id(browser, "max-tokens").clear()
+    by_id(browser, "max-tokens").send_keys("12")
+    question = by_id(browser, "question")
+    question.send_keys("What is unusual about this image?")
+    question.send_keys("\n")
+    text = wait(browser, lambda d: (d.find_elements("css selector", "#messages li.assistant .text") or [None])[-1],
+                what="assistant message")
+    wait(browser, lambda d: by_id(d, "send").is_enabled() and text.text, what="streamed answer")
+    fig = wait(browser, lambda d: d.find_elements("css selector", "#overlays figure"), what="overlay")[0]
+    ref = generate(tiny_lm, [Message("user", "What is unusual about this image?", 1)], [load_image(image)],
+                   SamplingParams(max_tokens=12, temperature=0))
+    report = ref.images[0]
+    assert int(fig.get_attribute("data-kept")) == report.local_kept
+    assert int(fig.get_attribute("data-mask-kept")) == report.local_kept  # cells drawn as kept
+    assert int(fig.get_attribute("data-cells")) == report.local_tokens
+    assert str(report.local_kept) in fig.text and f"grid {report.grid[0]} x {report.grid[1]}" in fig.text
+    assert text.text.strip() == ref.text
+    assert by_id(browser, "prompt-tokens").text == str(ref.prompt_tokens)
+    assert by_id(browser, "ttft").text.endswith("ms")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    png = browser.get_screenshot_as_png()
+    (ARTIFACTS / "playground.png").write_bytes(png)
+    from PIL import Image, ImageStat
+
+    shot = Image.open(io.BytesIO(png)).convert("L")
+    assert ImageStat.Stat(shot).stddev[0] > 10, "screenshot looks blank"
+
+
+def test_stop_aborts_a_long_answer(browser, site):
+    fresh_page(browser, site)
+    by_id(browser, "max-tokens").clear()
+    by_id(browser, "max-tokens").send_keys("4000")
+    by_id(browser, "temperature").clear()
+    by_id(browser, "temperature").send_keys("1")
+    by_id(browser, "question").send_keys("Tell me a very long story\n")
+    text = wait(browser, lambda d: [e for e in d.find_elements("css selector", "#messages li.assistant .text")
+                                    if len(e.text) > 20], what="streaming text")[-1]
+    by_id(browser, "stop").click()
+    wait(browser, lambda d: by_id(d, "send").is_enabled(), what="send re-enabled")
+    length = len(text.text)
+    time.sleep(0.5)
+    assert len(text.text) == length  # nothing more arrives
+    deadline = time.time() + 10
+    while time.time() < deadline and site.metric("slime_num_requests_running"):
+        time.sleep(0.1)
+    assert site.metric("slime_num_requests_running") == 0
+
+
+def test_api_error_is_rendered(browser, site):
+    fresh_page(browser, site)
+    by_id(browser, "max-tokens").clear()
+    by_id(browser, "max-tokens").send_keys("99999")
+    by_id(browser, "question").send_keys("hi\n")
+    err = wait(browser, lambda d: by_id(d, "error").is_displayed() and by_id(d, "error"), what="error box")
+    expected = httpx.post(site.url + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999}).json()
+    assert err.text == expected["error"]["message"]
+
+
+def test_page_is_self_contained_and_has_no_external_urls(site):
+    for path in ("/", "/static/playground.js", "/static/playground.css"):
+        body = httpx.get(site.url + path).text
+        assert "http://" not in body and "https://" not in body, path
