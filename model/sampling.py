@@ -72,6 +72,24 @@ class SequenceSampler:
         return logits
 
 
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k and top-p for a batch of rows at once: `[S, V]` -> probabilities `[S, V]`."""
+    s, vocab = logits.shape
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    scaled = logits / temps
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device).unsqueeze(1)
+    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    sorted_vals, order = torch.sort(scaled, descending=True, dim=-1)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    sorted_vals = sorted_vals.masked_fill(ranks >= ks, float("-inf"))  # top-k
+    sorted_probs = torch.softmax(sorted_vals, dim=-1)
+    # top-p: drop a token once the mass before it already reaches top_p (the first always stays)
+    drop_sorted = ((torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p) | (ranks >= ks)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
+
+
 def sample(logits: torch.Tensor, seqs: list[SequenceSampler]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits `[B, V]` float32 -> one token per row (one host sync for the whole batch)."""
     b, vocab = logits.shape
@@ -81,20 +99,10 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler]) -> tuple[list[int]
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
         tokens = tokens.clone()
-        for i in sampled:
-            p = seqs[i].params
-            row = logits[i] / p.temperature
-            if 0 < p.top_k < vocab:
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_row, order = torch.sort(row, descending=True)
-                probs = torch.softmax(sorted_row, dim=-1)
-                # drop tokens once the mass before them already reaches top_p (always keep one)
-                drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-                row = row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-            probs = torch.softmax(row, dim=-1)
-            tokens[i] = torch.multinomial(probs, 1, generator=seqs[i].generator)[0]
+        probs = filtered_probs(logits[sampled], [seqs[i].params for i in sampled])  # [S, V]
+        # One draw per row from that request's own generator (seeded requests reproduce).
+        for j, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
     token_list = tokens.tolist()
     infos: list[TokenLogprob | None] = [None] * b
     want = [i for i, s in enumerate(seqs) if s.params.logprobs]
