@@ -196,9 +196,11 @@ class Engine:
         for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
             self._fail(seq, "the server is shutting down", status=503, etype="unavailable")
         while self.scheduler.waiting:
-            req = self.scheduler.waiting.popleft()
-            self._emit(req.request_id, Event(finish_reason="error", error="the server is shutting down",
-                                             error_status=503, error_type="unavailable"))
+            self.scheduler.waiting.popleft()
+        # Everything still registered (waiting, in the vision stage, not yet picked up) ends now.
+        for request_id in list(self._streams):
+            self._emit(request_id, Event(finish_reason="error", error="the server is shutting down",
+                                         error_status=503, error_type="unavailable"))
         self._flush()
 
     def _vision_loop(self) -> None:

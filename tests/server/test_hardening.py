@@ -375,3 +375,20 @@ def test_health_stays_fast_while_large_images_are_preprocessed(server):
     latencies.sort()
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     assert len(latencies) > 10 and p99 < 0.1, (p99, len(latencies))
+
+
+def test_engine_stop_ends_in_flight_streams_instead_of_hanging(tiny_dir):
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu")).start()
+    try:
+        body = hi(max_tokens=3000, ignore_eos=True, stream=True)
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    threading.Thread(target=s.state.engine.stop).start()
+        assert any('"error"' in x and "shutting down" in x for x in lines)
+        assert lines[-1] == "data: [DONE]"
+    finally:
+        s.stop()
