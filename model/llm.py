@@ -137,6 +137,9 @@ class Attention(nn.Module):
         else:
             ck[step.slot, :, step.start:step.start + t] = k[0]
             cv[step.slot, :, step.start:step.start + t] = v[0]
+            if step.flash is not None and not step.start:  # flash-attn 2 wants [B, T, H, hd]
+                out = step.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+                return linear(self.o_proj, out.reshape(b, t, -1), pr)
             if step.start:
                 k = ck[step.slot:step.slot + 1, :, :step.start + t]
                 v = cv[step.slot:step.slot + 1, :, :step.start + t]
@@ -188,6 +191,9 @@ class LlamaForCausalLM(nn.Module):
         # Batched decode computes each row exactly as a solo decode would (see `linear`). Costs
         # little on the CPU, where float32 results are expected to be batch-invariant; off on GPUs.
         self.batch_invariant = False
+        # flash-attn 2's kernel for whole-prompt prefill (CUDA, half precision) when installed;
+        # otherwise SDPA, which on CUDA picks its own fused kernels.
+        self.flash_attn = None
 
     # -- RoPE tables -----------------------------------------------------------------------------
     def rope_tables(self, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
         if start:
             keys = torch.arange(start + t, device=device).view(1, -1)
             mask = (keys <= positions.view(t, 1)).view(1, 1, t, start + t)
-        step = Step(slot=slot, start=start, mask=mask, causal=start == 0)
+        step = Step(slot=slot, start=start, mask=mask, causal=start == 0, flash=self.flash_attn)
         return self._run(embeds.unsqueeze(0), positions, cache, step, start + t)[0, -1]
 
     @torch.inference_mode()
@@ -276,3 +282,4 @@ class Step:
     causal: bool = False
     per_row: bool = False  # batch-invariant decode: 1-row linears, bucketed attention
     pad: torch.Tensor | None = None  # decode, batch-invariant: padding keys (see bucket_mask)
+    flash: object = None  # prefill: flash_attn_func when enabled

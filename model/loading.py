@@ -127,6 +127,25 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner.register_buffer(attr, value)
 
 
+def _flash_attention(choice: str, device: torch.device, dtype: torch.dtype):
+    """flash_attn_func when asked for (or `auto`) and usable: CUDA, fp16/bf16, package installed."""
+    if choice not in ("auto", "sdpa", "flash_attention_2"):
+        raise CheckpointError(f"unknown attention {choice!r} (auto, sdpa, flash_attention_2)")
+    usable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if choice == "sdpa" or not usable:
+        if choice == "flash_attention_2":
+            raise CheckpointError("flash_attention_2 needs a CUDA device and float16/bfloat16")
+        return None
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        if choice == "flash_attention_2":
+            raise CheckpointError("flash_attention_2 asked for but flash-attn is not installed "
+                                  "(pip install 'slime-serve[gpu]')") from None
+        return None
+    return flash_attn_func
+
+
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -181,6 +200,7 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
 
         quantize_llm(model.llm, opts.quantization, compute_dtype=dtype, device=device)
     model.llm.batch_invariant = device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none"
+    model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)
     tokenizer = load_tokenizer(path)
     template = detect_template(tokenizer.get_vocab())
     stats = {"load_seconds": time.perf_counter() - t0,

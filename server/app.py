@@ -62,7 +62,8 @@ def build_service(settings: Settings, metrics: Metrics):
 
     path = Path(settings.model) if settings.model else default_model_dir(settings)
     lm = load_model(path, LoadOptions(device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
-                                      quantization=settings.quantization, allow_download=settings.allow_download))
+                                      quantization=settings.quantization, allow_download=settings.allow_download,
+                                      attention=settings.attention))
     runner = ModelRunner(lm, num_slots=settings.max_batch_size, max_model_len=settings.max_model_len,
                          vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024)
     engine = Engine(runner, max_batch_size=settings.max_batch_size, prefill_chunk=settings.prefill_chunk,

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cuda | cuda:N | cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes weights for the LLM")
+    attention: Literal["auto", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="auto: flash-attn 2 for prefill when installed on CUDA, else SDPA")
     served_model_name: str | None = Field(None, description="model id in the API (default: directory name)")
     chat_template: Literal["auto", "vicuna_v1", "llama3"] = Field("auto", description="auto: llama3 if the tokenizer knows <|eot_id|>")
     allow_download: bool = Field(False, description="fetch a hub CLIP tower named by the checkpoint")

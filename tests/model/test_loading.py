@@ -151,3 +151,10 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     img.save(tmp_path / "o.jpg", exif=exif)
     assert load_image(tmp_path / "o.jpg").size == (20, 40)
+
+
+def test_attention_choice_is_checked(tiny_dir):
+    lm = load_model(tiny_dir, LoadOptions(device="cpu", attention="sdpa"))
+    assert lm.model.llm.flash_attn is None
+    with pytest.raises(CheckpointError, match="flash_attention_2 needs a CUDA device"):
+        load_model(tiny_dir, LoadOptions(device="cpu", attention="flash_attention_2"))
