@@ -166,7 +166,9 @@ def test_clip_tower_matches_transformers(tiny_dir, tiny_lm):
     assert torch.allclose(got, expect, atol=1e-4)
 
 
-def test_llm_matches_transformers_llama(tiny_dir, tiny_lm):
+@pytest.mark.parametrize("invariant", [True, False], ids=["cpu-batch-invariant", "gpu-style-masked"])
+def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, monkeypatch):
+    monkeypatch.setattr(tiny_lm.model.llm, "batch_invariant", invariant)
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
