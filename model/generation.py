@@ -33,7 +33,7 @@ def prepare_prompt(lm: LoadedModel, messages: Sequence[Message], images: Sequenc
                    template: str | None = None) -> tuple[list[int], list]:
     pieces = build_prompt(messages, template or lm.template)
     ids = tokenize_prompt(lm.tokenizer, pieces)
-    prepared = [prepare_image(im, lm.cfg) for im in images]
+    prepared = [prepare_image(im, lm.cfg, norm=lm.image_norm) for im in images]
     return ids, prepared
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint import TensorSource, weight_files
 from .config import SliMEConfig, VisionConfig
 from .modeling import SliMEForCausalLM
+from .slicing import CLIP_NORM, ImageNorm
 from .templates import detect_template
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     stats: dict[str, Any] = field(default_factory=dict)
+    image_norm: ImageNorm = CLIP_NORM  # the tower's processor mean/std
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -117,6 +119,19 @@ def infer_vision_config(src: TensorSource, prefix: str) -> VisionConfig:
                         image_size=int(math.isqrt(positions - 1)) * patch)
 
 
+def read_image_norm(dirs: list[Path]) -> ImageNorm:
+    """mean/std from the first `preprocessor_config.json` (the tower's, as the reference's
+    `CLIPImageProcessor.from_pretrained(mm_vision_tower)`), else CLIP's own."""
+    for d in dirs:
+        p = d / "preprocessor_config.json"
+        if p.exists():
+            data = json.loads(p.read_text(encoding="utf-8"))
+            mean, std = data.get("image_mean"), data.get("image_std")
+            if mean and std and len(mean) == 3 and len(std) == 3:
+                return ImageNorm(tuple(float(x) for x in mean), tuple(float(x) for x in std))  # type: ignore[arg-type]
+    return CLIP_NORM
+
+
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
@@ -175,6 +190,7 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
     vision_cfg = cfg.vision
     tower_prefix = VISION_PREFIX
     tower_src = main
+    norm_dirs = [path]
     if cfg.is_multimodal:
         has_tower = any(True for _ in main.items_with_prefix(VISION_PREFIX))
         if not has_tower:
@@ -185,6 +201,7 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
             tower_prefix = ""
             with open(tower_dir / "config.json", encoding="utf-8") as f:
                 vision_cfg = VisionConfig.from_dict(json.load(f))
+            norm_dirs.insert(0, tower_dir)
         elif vision_cfg is None:
             vision_cfg = infer_vision_config(main, VISION_PREFIX)
     try:
@@ -205,7 +222,7 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
     template = detect_template(tokenizer.get_vocab())
     stats = {"load_seconds": time.perf_counter() - t0,
              "parameters": sum(p.numel() for p in model.parameters())}
-    return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats)
+    return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats, read_image_norm(norm_dirs))
 
 
 def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource, tower: TensorSource,

@@ -68,12 +68,14 @@ class PreparedImage:
         return global_tokens + 1 + local
 
 
-def prepare_image(image: Any, cfg: Any, digest: str = "") -> PreparedImage:
-    """RGB PIL image -> pixels per the checkpoint's `image_aspect_ratio` (SliME: `anyres` slicing)."""
-    from .slicing import preprocess, preprocess_single
+def prepare_image(image: Any, cfg: Any, digest: str = "", norm: Any = None) -> PreparedImage:
+    """RGB PIL image -> pixels per the checkpoint's `image_aspect_ratio` (SliME: `anyres` slicing),
+    normalised with the tower's processor settings (`norm`, default CLIP's)."""
+    from .slicing import CLIP_NORM, preprocess, preprocess_single
 
+    norm = norm or CLIP_NORM
     if cfg.has_local_branch or cfg.image_aspect_ratio == "anyres":
-        pixels, grid = preprocess(image)
+        pixels, grid = preprocess(image, norm=norm)
     else:
-        pixels, grid = preprocess_single(image, pad=cfg.image_aspect_ratio == "pad"), None
+        pixels, grid = preprocess_single(image, pad=cfg.image_aspect_ratio == "pad", norm=norm), None
     return PreparedImage(pixels, grid, digest)

@@ -152,41 +152,56 @@ def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[list
     return [global_view, *tiles], (cols, rows)
 
 
-def _normalisation_lut() -> np.ndarray:
+@dataclass(frozen=True)
+class ImageNorm:
+    """The CLIP processor's normalisation (from the tower's `preprocessor_config.json`)."""
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+CLIP_NORM = ImageNorm()
+_LUTS: dict[ImageNorm, np.ndarray] = {}
+
+
+def normalisation_lut(norm: ImageNorm = CLIP_NORM) -> np.ndarray:
     """[3, 256] float32: CLIP's rescale (float64 x/255 -> float32) then (x - mean) / std in float32.
 
     Every uint8 value maps to one float, so a table lookup gives the CLIP processor's exact numbers.
     """
-    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
-    return ((scaled[None, :] - mean) / std).astype(np.float32)
+    lut = _LUTS.get(norm)
+    if lut is None:
+        scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        mean = np.asarray(norm.mean, dtype=np.float32)[:, None]
+        std = np.asarray(norm.std, dtype=np.float32)[:, None]
+        lut = _LUTS[norm] = ((scaled[None, :] - mean) / std).astype(np.float32)
+    return lut
 
 
-_LUT = _normalisation_lut()
-
-
-def normalise_views(views: list[Image.Image]) -> np.ndarray:
+def normalise_views(views: list[Image.Image], norm: ImageNorm = CLIP_NORM) -> np.ndarray:
     """Views of S x S -> `[views, 3, S, S]` float32 normalised pixels."""
+    lut = normalisation_lut(norm)
     arr = np.stack([np.asarray(v, dtype=np.uint8) for v in views])  # [V, S, S, 3]
     out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
     for c in range(3):
-        out[:, c] = _LUT[c][arr[..., c]]
+        out[:, c] = lut[c][arr[..., c]]
     return out
 
 
-def preprocess(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+def preprocess(image: Image.Image, *, view_size: int = VIEW_SIZE,
+               norm: ImageNorm = CLIP_NORM) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB image -> (`[1 + cols*rows, 3, S, S]` float32, (cols, rows))."""
     views, grid = slice_image(image, view_size=view_size)
-    return normalise_views(views), grid
+    return normalise_views(views, norm), grid
 
 
-def preprocess_single(image: Image.Image, *, pad: bool, view_size: int = VIEW_SIZE) -> np.ndarray:
+def preprocess_single(image: Image.Image, *, pad: bool, view_size: int = VIEW_SIZE,
+                      norm: ImageNorm = CLIP_NORM) -> np.ndarray:
     """LLaVA-1.5 single view: (`pad`: centre on a mean-colour square) then CLIP's shortest-edge
     resize and centre crop -> `[1, 3, S, S]`."""
     if pad and image.width != image.height:
         side = max(image.size)
-        fill = tuple(int(m * 255) for m in CLIP_MEAN)
+        fill = tuple(int(m * 255) for m in norm.mean)
         square = Image.new("RGB", (side, side), fill)
         square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = square
@@ -198,4 +213,4 @@ def preprocess_single(image: Image.Image, *, pad: bool, view_size: int = VIEW_SI
         image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (image.width - view_size) // 2, (image.height - view_size) // 2
     image = image.crop((left, top, left + view_size, top + view_size))
-    return normalise_views([image])
+    return normalise_views([image], norm)

@@ -99,7 +99,7 @@ class ChatService:
                 images.append(PreparedImage(None, cached.grid, digest))
                 continue
             img = open_image(data, max_pixels=self.settings.max_image_pixels, param=param)
-            images.append(prepare_image(img, self.lm.cfg, digest))
+            images.append(prepare_image(img, self.lm.cfg, digest, norm=self.lm.image_norm))
         if images and self.metrics:
             self.metrics.preprocess.observe(time.perf_counter() - t0)
             self.metrics.images.inc(len(images))

@@ -29,6 +29,11 @@ TOWER_DIR = "clip-vit-tiny-patch14-336"
 VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
           "image_size": 336, "patch_size": 14, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu",
           "num_channels": 3, "projection_dim": 128, "model_type": "clip_vision_model"}
+# What openai/clip-vit-large-patch14-336 ships.
+PREPROCESSOR = {"crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_normalize": True,
+                "do_resize": True, "image_processor_type": "CLIPImageProcessor",
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3, "size": {"shortest_edge": 336}}
 LLM = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096}
 
@@ -188,6 +193,7 @@ def make_tiny(out: str | Path, *, template: str = "vicuna_v1", seed: int = 0, fm
             tower_dir.mkdir()
             _save(vision, tower_dir, "safetensors")
             (tower_dir / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"], **VISION}, indent=2))
+            (tower_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
         _save(tensors, tmp, fmt)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(

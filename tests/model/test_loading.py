@@ -158,3 +158,19 @@ def test_attention_choice_is_checked(tiny_dir):
     assert lm.model.llm.flash_attn is None
     with pytest.raises(CheckpointError, match="flash_attention_2 needs a CUDA device"):
         load_model(tiny_dir, LoadOptions(device="cpu", attention="flash_attention_2"))
+
+
+def test_tower_preprocessor_config_sets_normalisation(tmp_path, tiny_dir, ironing):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    pre = ckpt / "clip-vit-tiny-patch14-336" / "preprocessor_config.json"
+    data = json.loads(pre.read_text())
+    assert data["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
+    data["image_mean"], data["image_std"] = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    pre.write_text(json.dumps(data))
+    lm = load_model(ckpt, LoadOptions(device="cpu"))
+    assert lm.image_norm.mean == (0.5, 0.5, 0.5)
+    from model.processor import prepare_image
+
+    px = prepare_image(ironing.resize((50, 40)), lm.cfg, norm=lm.image_norm).pixels
+    assert px.min() >= -2.0 - 1e-6 and px.max() <= 2.0 + 1e-6  # (x - 0.5) / 0.25 for x in [0, 1]
