@@ -3,6 +3,7 @@ decode forward per step, and sampling. Runs only on the engine thread."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +18,26 @@ from model.sampling import SequenceSampler, TokenLogprob, sample
 
 from .detokenizer import IncrementalDetokenizer
 from .scheduler import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def fit_slots(num_slots: int, max_model_len: int, cfg, dtype: torch.dtype, device: torch.device,
+              *, headroom: float = 0.8) -> int:
+    """Slots that fit in the device's free memory (on CUDA), keeping room for activations."""
+    if device.type != "cuda":
+        return num_slots
+    per_slot = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                                       head_dim=cfg.dim_head, dtype=dtype) * max_model_len
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(free * headroom // per_slot)
+    if fit < 1:
+        raise RuntimeError(f"not enough GPU memory for one sequence of {max_model_len} positions "
+                           f"({per_slot / 2**30:.1f} GiB); lower --max-model-len or quantize")
+    if fit < num_slots:
+        log.warning("KV cache: %d slots of %d positions fit in free GPU memory (asked for %d)", fit,
+                    max_model_len, num_slots)
+    return min(num_slots, fit)
 
 
 class CacheMiss(RuntimeError):
@@ -94,6 +115,8 @@ class ModelRunner:
         self.device = lm.device
         cfg = lm.cfg
         self.max_model_len = max_model_len
+        num_slots = fit_slots(num_slots, max_model_len, cfg, lm.dtype, lm.device)
+        self.num_slots = num_slots
         self.cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=num_slots,
                              num_kv_heads=cfg.num_key_value_heads, max_len=max_model_len, head_dim=cfg.dim_head,
                              dtype=lm.dtype, device=lm.device)
