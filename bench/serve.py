@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .common import ROOT, Process, free_port, median, pct, single_thread_env, start_slime
+from .common import ROOT, Process, free_port, median, pct, start_slime
 
 QUESTION = "What is unusual about this image?"
 

@@ -8,7 +8,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 from .runner import CacheMiss, ModelRunner
 from .scheduler import Scheduler, Sequence
@@ -78,7 +77,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._by_id: dict[str, Sequence] = {}
         self._outbox: list = []
         self._thread: threading.Thread | None = None

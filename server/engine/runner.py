@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
 
 import torch
 

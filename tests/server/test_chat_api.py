@@ -1,14 +1,12 @@
 """The OpenAI API over real HTTP, with the official `openai` client."""
 
 import asyncio
-import json
 
 import httpx
 import pytest
 from PIL import Image
 
 from model.generation import generate
-from model.images import load_image
 from model.sampling import SamplingParams
 from model.templates import Message
 from tests.server.conftest import data_url, image_message
