@@ -22,6 +22,7 @@ run: setup
 	$(BIN)/python -m server $(ARGS)
 
 test: setup
+	$(BIN)/ruff check model server weights bench tests
 	$(BIN)/python -m pytest -q -m "not deploy" $(PYTEST_ARGS)
 
 # Containers (Podman), nginx scale-out, Prometheus scrape and config validators.

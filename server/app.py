@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
         count_error(err)
         return _error_response(err)
 
-    app.openapi = _openapi(app, served_model_name(settings))  # type: ignore[method-assign]
+    app.openapi = _openapi(app, settings.model_id)  # type: ignore[method-assign]
 
     # Pure ASGI middleware; the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, on_error=count_error)
@@ -201,12 +201,6 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
 def _request_schema() -> dict:
     """The request body's schema, documented in /openapi.json (parsing stays ours, for 400s)."""
     return {"$ref": "#/components/schemas/ChatCompletionRequest"}
-
-
-def served_model_name(settings: Settings) -> str:
-    if settings.served_model_name:
-        return settings.served_model_name
-    return Path(settings.model).name if settings.model else "tiny-slime"
 
 
 def _openapi(app: FastAPI, model_name: str):

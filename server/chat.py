@@ -43,7 +43,7 @@ class ChatService:
         self.lm = lm
         self.engine = engine
         self.metrics = metrics
-        self.model_name = settings.served_model_name or lm.path.name  # same rule as app.served_model_name
+        self.model_name = settings.model_id
         self.template = lm.template if settings.chat_template == "auto" else settings.chat_template
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slime-prep")
         self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,

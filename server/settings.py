@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text or one JSON object per line")
     log_level: str = Field("info", description="debug | info | warning | error")
 
+    @property
+    def model_id(self) -> str:
+        """The model's name in the API: --served-model-name, else the checkpoint directory's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if self.model else "tiny-slime"
+
     @field_validator("api_key", "image_url_domains", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v):
