@@ -250,9 +250,15 @@ def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource,
             misshaped.append(f"{key}: checkpoint {list(got)}, model {list(want)}")
             continue
         tensor = src.get(key)
-        # pos_embed stays float16 (the reference keeps it so); everything else takes the model dtype.
-        target = torch.float16 if ours.endswith("pos_embed") else dtype
-        _set_tensor(model, ours, tensor.to(device=device, dtype=target))
+        # Parameters the reference creates with an explicit dtype keep that dtype's precision
+        # whatever the model's: Resampler.pos_embed float16, the gate's w_gate bfloat16.
+        if ours.endswith("pos_embed"):
+            tensor = tensor.to(device=device, dtype=torch.float16)
+        elif ours.endswith("mm_projector.w_gate"):
+            tensor = tensor.to(torch.bfloat16).to(device=device, dtype=dtype)
+        else:
+            tensor = tensor.to(device=device, dtype=dtype)
+        _set_tensor(model, ours, tensor)
     unexpected = [k for k in main.keys() if k not in used and not _ignorable(k, model)]
     if missing or misshaped or unexpected:
         parts = []

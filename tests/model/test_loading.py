@@ -174,3 +174,14 @@ def test_tower_preprocessor_config_sets_normalisation(tmp_path, tiny_dir, ironin
 
     px = prepare_image(ironing.resize((50, 40)), lm.cfg, norm=lm.image_norm).pixels
     assert px.min() >= -2.0 - 1e-6 and px.max() <= 2.0 + 1e-6  # (x - 0.5) / 0.25 for x in [0, 1]
+
+
+def test_gate_weights_keep_the_references_bfloat16_precision(tiny_dir, tiny_lm):
+    """The reference creates w_gate as bfloat16, so a float32 checkpoint value is rounded on load."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_dir / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor("model.mm_projector.w_gate")
+    assert stored.dtype == torch.float32 and not torch.equal(stored, stored.bfloat16().float())
+    loaded = tiny_lm.model.mm_projector.w_gate
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, stored.bfloat16().float())
