@@ -2,8 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch==2.13.0 is the CPU build on machines without a GPU; `make run TORCH_SPEC=torch` for CUDA.
+# Without a GPU (no nvidia-smi) torch comes as the CPU build; `make run TORCH_SPEC=torch` for another.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo --extra-index-url https://download.pytorch.org/whl/cpu)
 DEPLOY_APT := podman buildah runc debootstrap nginx prometheus
 
 BROWSER_APT := chromium chromium-driver
@@ -15,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 
 run: setup
