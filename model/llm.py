@@ -54,19 +54,26 @@ def rope_inv_freq(cfg: SliMEConfig) -> tuple[torch.Tensor, float]:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """`layer(x)`, or with `per_row` each row of a `[B, 1, D]` batch as its own 1-row product.
+MIN_GEMM_ROWS = 4
 
-    CPU GEMM kernels change their reduction order with the number of rows (1-3 rows take another
-    path than 4+), so a batched decode would differ from a solo one in the last bits and greedy
-    tokens could flip. A batched matmul of 1-row problems runs the solo kernel for every row.
+
+def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """`layer(x)`; with `per_row`, computed so that each row's result does not depend on how many
+    rows there are.
+
+    CPU GEMM kernels take another path for 1-3 rows than for 4 or more, which changes the last bits;
+    from 4 rows on, every row comes out the same whatever the count (checked in tests). So a
+    decode batch smaller than 4 is padded to 4 rows: a sequence decodes to the same bits alone or
+    among 15 others, and the batch still runs as one matrix product.
     """
     if not per_row or type(layer) is not nn.Linear:
         return layer(x)
-    b = x.shape[0]
-    w = layer.weight.t().unsqueeze(0).expand(b, -1, -1)  # [B, in, out], no copy
-    out = torch.bmm(x, w) if layer.bias is None else torch.baddbmm(layer.bias.expand(b, 1, -1), x, w)
-    return out
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    n = rows.shape[0]
+    if n < MIN_GEMM_ROWS:
+        rows = torch.cat([rows, rows.new_zeros(MIN_GEMM_ROWS - n, shape[-1])])
+    return F.linear(rows, layer.weight, layer.bias)[:n].reshape(*shape[:-1], -1)
 
 
 KEY_BUCKET = 64
@@ -230,7 +237,7 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[B, D]` (or `[D]`) -> float32 logits `[B, V]`."""
         if self.batch_invariant and hidden.dim() == 2:
-            return linear(self.lm_head, hidden.unsqueeze(1), True)[:, 0].float()
+            return linear(self.lm_head, hidden, True).float()
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
@@ -280,6 +287,6 @@ class Step:
     length: int = 0  # decode: keys read per sequence
     mask: torch.Tensor | None = None  # boolean, True = attend
     causal: bool = False
-    per_row: bool = False  # batch-invariant decode: 1-row linears, bucketed attention
+    per_row: bool = False  # batch-invariant decode: padded linears, bucketed attention
     pad: torch.Tensor | None = None  # decode, batch-invariant: padding keys (see bucket_mask)
     flash: object = None  # prefill: flash_attn_func when enabled

@@ -222,3 +222,15 @@ def test_decode_is_batch_invariant_on_cpu(tiny_lm):
     for i in (0, 7, 15):
         assert torch.equal(run([i])[0], together[i])
     assert torch.equal(run([3, 9])[1], together[9])
+
+
+def test_padded_linear_rows_do_not_depend_on_the_batch():
+    from model.llm import linear
+
+    torch.manual_seed(1)
+    for d_in, d_out in [(64, 176), (176, 64), (64, 1200)]:
+        layer = torch.nn.Linear(d_in, d_out, bias=False)
+        x = torch.randn(40, 1, d_in)
+        full = linear(layer, x, per_row=True)
+        for n in (1, 2, 3, 4, 5, 9, 17):
+            assert torch.equal(linear(layer, x[:n], per_row=True), full[:n]), (d_in, d_out, n)
