@@ -135,11 +135,16 @@ class Attention(nn.Module):
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, Hkv, Tmax, hd]
         gqa = self.num_kv_heads != self.num_heads
         if step.positions is not None:  # decode: sequence i sits in slot i
-            ck[step.slots, :, step.positions] = k[:, :, 0]
-            cv[step.slots, :, step.positions] = v[:, :, 0]
+            real = step.slots.shape[0]
+            ck[step.slots, :, step.positions] = k[:real, :, 0]
+            cv[step.slots, :, step.positions] = v[:real, :, 0]
             if step.per_row:
-                out = bucketed_decode_attention(q, ck, cv, step.pad, self.num_kv_heads)
-                return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
+                real = step.slots.shape[0]  # rows past it only pad the batch to MIN_GEMM_ROWS
+                out = bucketed_decode_attention(q[:real], ck, cv, step.pad, self.num_kv_heads)
+                out = out.transpose(1, 2).reshape(real, t, -1)
+                if real < b:
+                    out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
+                return linear(self.o_proj, out, pr)
             k, v = ck[:b, :, :step.length], cv[:b, :, :step.length]
         else:
             ck[step.slot, :, step.start:step.start + t] = k[0]
@@ -273,7 +278,14 @@ class LlamaForCausalLM(nn.Module):
         pad = bucket_mask([p + 1 for p in positions], cache.max_len, device) if self.batch_invariant else None
         step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask,
                     per_row=self.batch_invariant, pad=pad)
-        return self._run(embeds.unsqueeze(1), pos.view(b, 1), cache, step, length)[:, 0]
+        x, rope_pos = embeds.unsqueeze(1), pos.view(b, 1)
+        if self.batch_invariant and b < MIN_GEMM_ROWS:
+            # Pad once for the whole step (see `linear`): extra rows ride through the linears and
+            # norms but never touch the cache or the attention.
+            extra = MIN_GEMM_ROWS - b
+            x = torch.cat([x, x.new_zeros(extra, 1, x.shape[-1])])
+            rope_pos = torch.cat([rope_pos, rope_pos.new_zeros(extra, 1)])
+        return self._run(x, rope_pos, cache, step, length)[:b, 0]
 
 
 @dataclass
