@@ -139,3 +139,17 @@ def test_page_is_self_contained_and_has_no_external_urls(site):
     for path in ("/", "/static/playground.js", "/static/playground.css"):
         body = httpx.get(site.url + path).text
         assert "http://" not in body and "https://" not in body, path
+
+
+def test_readable_at_phone_width_and_keyboard_reachable(browser, site):
+    browser.set_window_size(390, 844)
+    try:
+        fresh_page(browser, site)
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+        # the image picker, the question box and the buttons are in the tab order
+        focusable = browser.execute_script(
+            "return [...document.querySelectorAll('#drop, #question, #send, #clear, #temperature, #max-tokens,"
+            " #api-key')].map(e => e.tabIndex >= 0)")
+        assert all(focusable)
+    finally:
+        browser.set_window_size(1280, 900)
