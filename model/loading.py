@@ -88,13 +88,20 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _local_tower_dir(name: str | None, ckpt_dir: Path) -> Path | None:
+    if not name:
+        return None
+    candidates = [Path(name)] if os.path.isabs(name) else [ckpt_dir / name, Path.cwd() / name]
+    return next((c for c in candidates if (c / "config.json").exists()), None)
+
+
 def resolve_vision_tower(name: str, ckpt_dir: Path, *, allow_download: bool) -> Path:
     """`mm_vision_tower` -> a local directory: relative to the checkpoint, then the working
     directory; a hub id only when downloads are allowed."""
+    local = _local_tower_dir(name, ckpt_dir)
+    if local is not None:
+        return local
     candidates = [Path(name)] if os.path.isabs(name) else [ckpt_dir / name, Path.cwd() / name]
-    for c in candidates:
-        if (c / "config.json").exists():
-            return c
     if allow_download:
         from huggingface_hub import snapshot_download
 
@@ -203,7 +210,16 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
                 vision_cfg = VisionConfig.from_dict(json.load(f))
             norm_dirs.insert(0, tower_dir)
         elif vision_cfg is None:
-            vision_cfg = infer_vision_config(main, VISION_PREFIX)
+            # Weights in the checkpoint; the hyper-parameters (heads!) and the processor settings
+            # still come from the tower `mm_vision_tower` names when it is on disk, as in the
+            # reference; shapes are the fallback.
+            local = _local_tower_dir(cfg.mm_vision_tower, path)
+            if local is not None:
+                with open(local / "config.json", encoding="utf-8") as f:
+                    vision_cfg = VisionConfig.from_dict(json.load(f))
+                norm_dirs.insert(0, local)
+            else:
+                vision_cfg = infer_vision_config(main, VISION_PREFIX)
     try:
         with torch.device("meta"):
             model = SliMEForCausalLM(cfg, vision_cfg)

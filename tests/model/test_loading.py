@@ -185,3 +185,17 @@ def test_gate_weights_keep_the_references_bfloat16_precision(tiny_dir, tiny_lm):
     assert stored.dtype == torch.float32 and not torch.equal(stored, stored.bfloat16().float())
     loaded = tiny_lm.model.mm_projector.w_gate
     assert loaded.dtype == torch.float32 and torch.equal(loaded, stored.bfloat16().float())
+
+
+def test_embedded_tower_takes_hyperparameters_from_the_named_tower_config(tmp_path, ironing):
+    """Heads cannot be read from shapes: with the tower's config.json beside, it is used."""
+    path = make_tiny(tmp_path / "emb", tower="embedded")
+    tower = tmp_path / "emb" / "clip-vit-tiny-patch14-336"
+    tower.mkdir()
+    from weights.make_tiny import VISION
+
+    (tower / "config.json").write_text(json.dumps({**VISION, "num_attention_heads": 4}))
+    lm = load_model(path, LoadOptions(device="cpu"))
+    assert lm.model.vision_tower.layers[0].self_attn.num_heads == 4
+    shutil.rmtree(tower)
+    assert load_model(path, LoadOptions(device="cpu")).model.vision_tower.layers[0].self_attn.num_heads == 2
