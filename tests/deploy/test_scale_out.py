@@ -2,49 +2,27 @@
 127.0.0.1), and a real Prometheus scraping a running server."""
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
 from tests.deploy.conftest import tool
-from tests.server.conftest import free_port
+from tests.server.conftest import free_port, start_server_process, wait_for
 
 pytestmark = pytest.mark.deploy
-
-
-def start_server(tiny_dir, port):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_dir), "--port", str(port),
-                             "--device", "cpu", "--log-level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(url, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready")
 
 
 @pytest.fixture(scope="module")
 def two_servers(tiny_dir):
     ports = [free_port(), free_port()]
-    procs = [start_server(tiny_dir, p) for p in ports]
+    procs = []
     try:
         for p in ports:
-            wait_ready(f"http://127.0.0.1:{p}")
+            procs.append(start_server_process(tiny_dir, port=p)[0])
         yield procs, ports
     finally:
         for p in procs:
@@ -76,13 +54,7 @@ def test_nginx_balances_streams_and_survives_a_dead_replica(repo, tmp_path, two_
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{listen}"
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/lb-health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_for(url, "/lb-health", timeout=20)
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
                 "stream": True, "stream_options": {"include_usage": True}}
 

@@ -98,3 +98,38 @@ def data_url(image, fmt: str = "PNG") -> str:
 def image_message(text: str, *urls: str) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": text},
                                         *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}
+
+
+def wait_for(url: str, path: str = "/ready", timeout: float = 90) -> None:
+    """Poll until `url + path` answers 200."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}{path} did not answer 200 in {timeout} s")
+
+
+def start_server_process(tiny_dir, *args: str, port: int | None = None):
+    """`python -m server` in its own process, as deployed; returns (process, url) once ready."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    port = port or free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_dir), "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url

@@ -353,27 +353,11 @@ def test_health_and_metrics_stay_fast_while_large_images_are_preprocessed(tiny_d
     """The server in its own process (as deployed), four 4032 x 3024 uploads at once."""
     import io
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT
-    from tests.server.conftest import free_port
+    from tests.server.conftest import start_server_process
 
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_dir), "--port", str(port),
-                             "--device", "cpu", "--log-level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server_process(tiny_dir)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         # A 12-megapixel photo as phones send it (a few MB of JPEG); every pixel is decoded, resized
         # and normalised by the server.
         from bench.preprocess import photo

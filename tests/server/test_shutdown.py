@@ -1,33 +1,18 @@
 """SIGTERM on the real process: running requests finish, new ones are refused, exit code 0."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from tests.conftest import ROOT
-from tests.server.conftest import free_port
+from tests.server.conftest import start_server_process
 
 
-def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir, tmp_path):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIME_MODEL": str(tiny_dir), "SLIME_DEVICE": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--drain-timeout", "30"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir):
+    proc, url = start_server_process(tiny_dir, "--drain-timeout", "30")
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         got: list[str] = []
