@@ -35,19 +35,6 @@ def tokenize_prompt(tokenizer: Any, pieces: Sequence[Piece]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class PromptLayout:
-    """Where the text runs and image slots sit in a tokenised prompt."""
-
-    text_ids: list[int]  # every non-image token, in order
-    image_positions: list[int]  # index in `input_ids` of each placeholder
-
-    @classmethod
-    def of(cls, input_ids: Sequence[int]) -> "PromptLayout":
-        return cls(text_ids=[t for t in input_ids if t != IMAGE_TOKEN_INDEX],
-                   image_positions=[i for i, t in enumerate(input_ids) if t == IMAGE_TOKEN_INDEX])
-
-
-@dataclass(frozen=True)
 class PreparedImage:
     """One image ready for the vision tower (CPU-side work done), or a reference to features
     already in the vision cache (`pixels` None)."""

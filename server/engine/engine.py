@@ -112,10 +112,6 @@ class Engine:
         self.alive = False
 
     @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + self._inbox.qsize() + self.in_vision
-
-    @property
     def num_running(self) -> int:
         return self.scheduler.num_running
 
@@ -277,7 +273,7 @@ class Engine:
                 t0 = time.perf_counter()
                 inline_vision = seq.request.features is None and bool(seq.request.images)
                 self.runner.begin(seq)
-                self._record_images(seq, {"vision": time.perf_counter() - t0} if inline_vision else {})
+                self._record_images(seq, time.perf_counter() - t0 if inline_vision else None)
             first = self.runner.prefill_chunk(seq, self.prefill_chunk)
         except Exception as e:  # noqa: BLE001 - fail this request only
             log.exception("prefill failed for %s", req.request_id)
@@ -354,12 +350,12 @@ class Engine:
                                                  error_type=etype))
         self._record_finish(seq, "error", status="error")
 
-    def _record_images(self, seq: Sequence, timings: dict[str, float]) -> None:
+    def _record_images(self, seq: Sequence, vision_seconds: float | None) -> None:
         m = self.metrics
         if not m:
             return
-        if "vision" in timings:
-            m.vision.observe(timings["vision"])
+        if vision_seconds is not None:  # encoded inline (no vision thread)
+            m.vision.observe(vision_seconds)
         for r in seq.state.images:
             m.image_tokens.labels("global").inc(r.global_tokens)
             m.image_tokens.labels("local_total").inc(r.local_tokens)

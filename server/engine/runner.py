@@ -190,7 +190,3 @@ class ModelRunner:
 
     def is_stop_token(self, seq: Sequence, token: int) -> bool:
         return not seq.request.params.ignore_eos and token in self.eos
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.cache.nbytes
