@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    from model.kv_cache import KVCache
     from model.slicing import preprocess
 
     model, cfg = build(device, dtype)
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     batches = [int(x) for x in args.batches.split(",")]
     for b in batches:
-        cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=b, num_kv_heads=cfg.num_key_value_heads,
-                        max_len=args.context + args.steps + 8, head_dim=cfg.dim_head, dtype=dtype, device=device)
+        cache = llm.new_cache(num_slots=b, max_len=args.context + args.steps + 8, dtype=dtype, device=device)
         emb = torch.randn(b, cfg.hidden_size, device=device, dtype=dtype)
         positions = [args.context] * b
         for _ in range(3):
@@ -105,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     img = Image.new("RGB", (1344, 1008), (120, 80, 200))
     ids = list(range(1, 40)) + [-200] + list(range(40, 60))
-    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
-                    max_len=4096, head_dim=cfg.dim_head, dtype=dtype, device=device)
+    cache = llm.new_cache(num_slots=1, max_len=4096, dtype=dtype, device=device)
     ttfts = []
     for _ in range(4):
         torch.cuda.synchronize()

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .common import ROOT, Process, free_port, median, pct, start_slime
+from .sse_client import stream_events
 
 QUESTION = "What is unusual about this image?"
 
@@ -59,27 +60,20 @@ def distinct_image(i: int, size=(1000, 700)) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict, res: Result) -> None:
+async def stream_one(url: str, body: dict, res: Result) -> None:
     t0 = time.perf_counter()
     last = None
-    n = 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                res.tokens += chunk["usage"]["completion_tokens"]
-                res.image_tokens.append(chunk["usage"]["prompt_tokens"])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                if last is None:
-                    res.ttft.append(now - t0)
-                else:
-                    res.itl.append(now - last)
-                last = now
-                n += 1
+    async for chunk in stream_events(url, "/v1/chat/completions", body):
+        if chunk.get("usage"):
+            res.tokens += chunk["usage"]["completion_tokens"]
+            res.image_tokens.append(chunk["usage"]["prompt_tokens"])
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            if last is None:
+                res.ttft.append(now - t0)
+            else:
+                res.itl.append(now - last)
+            last = now
     res.requests += 1
 
 
@@ -89,19 +83,18 @@ async def run_level(url: str, model: str, concurrency: int, images: list[str], m
     for img in images:
         queue.put_nowait(img)
 
-    async def worker(client):
+    async def worker():
         while not queue.empty():
             img = queue.get_nowait()
             body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
                     "max_tokens": max_tokens, "ignore_eos": True,
                     "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION},
                                                               {"type": "image_url", "image_url": {"url": img}}]}]}
-            await stream_one(client, url, body, res)
+            await stream_one(url, body, res)
 
-    async with httpx.AsyncClient(timeout=600) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        res.wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    res.wall = time.perf_counter() - t0
     return res
 
 
@@ -181,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     ap.add_argument("--no-unbatched", action="store_true")
     ap.add_argument("--text-only", action="store_true", help="only the text-only side-by-side part")
+    ap.add_argument("--image-only", action="store_true", help="skip the text-only side-by-side part")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -211,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                     images = [distinct_image(image_id + i) for i in range(n)]
                     image_id += n
                     results[c].append(asyncio.run(run_level(server.url, name, c, images, args.max_tokens)))
+            if label == "slime (batched)" and 1 in results and 16 in results:
+                # Paired per round (16 right after 1 in the same round), so a slow phase of the
+                # machine shifts both sides of a ratio alike.
+                pairs = list(zip(results[1], results[16]))
+                summary["paired"] = {
+                    "itl_p50_ratio": [median(b.itl) / median(a.itl) for a, b in pairs],
+                    "tok_s_ratio": [(b.tokens / b.wall) / (a.tokens / a.wall) for a, b in pairs]}
             for c in levels:
                 rs = sorted(results[c], key=lambda r: r.tokens / r.wall)
                 merged = rs[len(rs) // 2]
@@ -231,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     at16 = next((r for r in rows if r["label"] == "slime (batched)" and r["conc"] == 16), None)
     if solo and at16:
         print(f"\nbatched c=16 vs c=1: throughput x{at16['tok_s'] / solo['tok_s']:.2f}, "
-              f"ITL p50 ratio {at16['itl_p50'] / solo['itl_p50']:.2f}")
+              f"ITL p50 ratio {at16['itl_p50'] / solo['itl_p50']:.2f} (median rounds)")
+    if "paired" in summary:
+        p = summary["paired"]
+        print("paired per round: ITL p50 ratio " + ", ".join(f"{x:.2f}" for x in p["itl_p50_ratio"])
+              + f" (median {median(p['itl_p50_ratio']):.2f}); throughput " + ", ".join(f"x{x:.2f}" for x in p["tok_s_ratio"])
+              + f" (median x{median(p['tok_s_ratio']):.2f})")
 
+    if args.image_only:
+        (out / "serve.json").write_text(json.dumps(summary, indent=2))
+        return 0
     # Text-only, side by side with transformers serve on the same LLM weights. Both servers stay
     # up and the rounds alternate between them, so a noisy phase of the machine hits both alike.
     prompts = [f"Describe picture number {i} in detail, please." for i in range(32)]

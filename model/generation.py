@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .kv_cache import KVCache
 from .loading import LoadedModel
 from .modeling import ImageReport
 from .processor import prepare_image, tokenize_prompt
@@ -47,9 +46,7 @@ def generate(lm: LoadedModel, messages: Sequence[Message], images: Sequence[Imag
         feats = model.encode_images([torch.from_numpy(p.pixels) for p in prepared], [p.grid for p in prepared])
     embeds, reports = model.embed_prompt(ids, feats)
     prompt_len = embeds.shape[0]
-    cache = KVCache(num_layers=lm.cfg.num_hidden_layers, num_slots=1, num_kv_heads=lm.cfg.num_key_value_heads,
-                    max_len=prompt_len + params.max_tokens, head_dim=lm.cfg.dim_head, dtype=lm.dtype,
-                    device=lm.device)
+    cache = model.llm.new_cache(num_slots=1, max_len=prompt_len + params.max_tokens, dtype=lm.dtype, device=lm.device)
     hidden = model.llm.prefill(embeds, cache, slot=0, start=0)
     seq = SequenceSampler(params, ids, lm.device)
     stops = set() if params.ignore_eos else set(lm.eos_token_ids)

@@ -10,13 +10,21 @@ class KVCache:
 
     A sequence owns one slot for its lifetime; the engine decides which (and compacts them so
     that running sequences occupy slots 0..B-1 and a decode step reads a view, not a gather).
+
+    With `keys_transposed` the keys are stored `[..., head_dim, max_len]` and `k` is a transposed
+    view of that storage (same indexing for readers and writers): the CPU decode kernel's
+    `q @ K^T` then reads K^T row-major, ~1.5x faster than through a transposed [T, hd] block.
     """
 
     def __init__(self, *, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, keys_transposed: bool = False):
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        if keys_transposed:
+            self.k = torch.zeros(shape[:3] + (head_dim, max_len), dtype=dtype, device=device).transpose(-1, -2)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys_transposed = keys_transposed
         self.num_slots = num_slots
         self.max_len = max_len
 

@@ -54,42 +54,52 @@ def rope_inv_freq(cfg: SliMEConfig) -> tuple[torch.Tensor, float]:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-MIN_GEMM_ROWS = 4
+GEMM_ROW_BLOCK = 4
+
+
+def padded_rows(n: int) -> int:
+    """Rows a batch-invariant GEMM runs with: `n` rounded up to a multiple of GEMM_ROW_BLOCK."""
+    return -(-max(n, 1) // GEMM_ROW_BLOCK) * GEMM_ROW_BLOCK
 
 
 def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """`layer(x)`; with `per_row`, computed so that each row's result does not depend on how many
     rows there are.
 
-    CPU GEMM kernels take another path for 1-3 rows than for 4 or more, which changes the last bits;
-    from 4 rows on, every row comes out the same whatever the count (checked in tests). So a
-    decode batch smaller than 4 is padded to 4 rows: a sequence decodes to the same bits alone or
-    among 15 others, and the batch still runs as one matrix product.
+    CPU GEMM kernels take another path for 1-3 rows than for 4 or more, which changes the last bits,
+    and with several threads they split the rows between threads, so a row count that is not a
+    multiple of 4 leaves a thread a 1-3 row remainder. With the rows padded to a multiple of 4,
+    every row comes out the same whatever the count and the thread count (checked in tests with 1
+    to 4 threads): a sequence decodes to the same bits alone or among 15 others, and the batch
+    still runs as one matrix product.
     """
     if not per_row or type(layer) is not nn.Linear:
         return layer(x)
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     n = rows.shape[0]
-    if n < MIN_GEMM_ROWS:
-        rows = torch.cat([rows, rows.new_zeros(MIN_GEMM_ROWS - n, shape[-1])])
+    if n != padded_rows(n):
+        rows = torch.cat([rows, rows.new_zeros(padded_rows(n) - n, shape[-1])])
     return F.linear(rows, layer.weight, layer.bias)[:n].reshape(*shape[:-1], -1)
 
 
 KEY_BUCKET = 64
 
 
-def bucket_mask(lengths: list[int], max_len: int, device: torch.device) -> torch.Tensor:
-    """`[B, 1, 1, span]` True where a key is padding; span = max length rounded up to KEY_BUCKET."""
+def bucket_bias(lengths: list[int], max_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[B, 1, 1, span]`: 0 for a valid key, -inf for padding; span = max length rounded up to
+    KEY_BUCKET. Added to the scores (x + 0 == x exactly): a broadcast add is several times
+    cheaper than `masked_fill` with a broadcast mask."""
     span = min(-(-max(lengths) // KEY_BUCKET) * KEY_BUCKET, max_len)
     lens = torch.tensor(lengths, device=device).view(-1, 1, 1, 1)
-    return torch.arange(span, device=device) >= lens
+    pad = torch.arange(span, device=device) >= lens
+    return torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, float("-inf"))
 
 
-def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, pad: torch.Tensor,
+def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
                               num_kv_heads: int) -> torch.Tensor:
     """Batch-invariant decode attention: q `[B, H, 1, hd]` over slots 0..B-1 of the cache, keys
-    up to a multiple of KEY_BUCKET with `pad` (see `bucket_mask`) masked -> `[B, H, 1, hd]`.
+    up to a multiple of KEY_BUCKET with padding masked by `bias` (see `bucket_bias`) -> `[B, H, 1, hd]`.
 
     Each score is its own dot product, and the softmax and value sums see the valid keys at the
     same offsets whatever the padding, so a row's result does not depend on the other rows
@@ -97,10 +107,10 @@ def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tenso
     call per sequence.
     """
     b, h, _, hd = q.shape
-    span = pad.shape[-1]
+    span = bias.shape[-1]
     qg = q.view(b, num_kv_heads, h // num_kv_heads, hd)  # query heads grouped by their KV head
-    scores = torch.matmul(qg, ck[:b, :, :span].transpose(-1, -2)) * hd**-0.5  # [B, Hkv, g, span]
-    scores = scores.masked_fill(pad, float("-inf"))
+    scores = torch.matmul(qg, ck[:b, :, :span].transpose(-1, -2))  # [B, Hkv, g, span]
+    scores = scores.mul_(hd**-0.5).add_(bias)
     out = torch.matmul(torch.softmax(scores, dim=-1), cv[:b, :, :span])  # [B, Hkv, g, hd]
     return out.view(b, h, 1, hd)
 
@@ -139,7 +149,7 @@ class Attention(nn.Module):
             ck[step.slots, :, step.positions] = k[:real, :, 0]
             cv[step.slots, :, step.positions] = v[:real, :, 0]
             if step.per_row:
-                real = step.slots.shape[0]  # rows past it only pad the batch to MIN_GEMM_ROWS
+                real = step.slots.shape[0]  # rows past it only pad the batch (see `linear`)
                 out = bucketed_decode_attention(q[:real], ck, cv, step.pad, self.num_kv_heads)
                 out = out.transpose(1, 2).reshape(real, t, -1)
                 if real < b:
@@ -155,6 +165,8 @@ class Attention(nn.Module):
             if step.start:
                 k = ck[step.slot:step.slot + 1, :, :step.start + t]
                 v = cv[step.slot:step.slot + 1, :, :step.start + t]
+                if cache.keys_transposed:  # SDPA's fused CPU kernel wants [T, hd] rows: one small copy
+                    k = k.contiguous()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal, enable_gqa=gqa)
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
 
@@ -230,6 +242,14 @@ class LlamaForCausalLM(nn.Module):
         # [B, T] -> [B, 1, T, hd], cast to the activations' dtype as transformers does
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
+    def new_cache(self, *, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """A KV cache laid out for this model's decode kernel (keys transposed for the CPU one)."""
+        cfg, w = self.cfg, self.lm_head.weight
+        return KVCache(num_layers=cfg.num_hidden_layers, num_slots=num_slots, num_kv_heads=cfg.num_key_value_heads,
+                       max_len=max_len, head_dim=cfg.dim_head, dtype=dtype or w.dtype, device=device or w.device,
+                       keys_transposed=self.batch_invariant)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
@@ -275,14 +295,15 @@ class LlamaForCausalLM(nn.Module):
         mask = None  # all at one length: every cached key up to `length` is valid
         if not self.batch_invariant and min(positions) != length - 1:
             mask = (torch.arange(length, device=device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, length)
-        pad = bucket_mask([p + 1 for p in positions], cache.max_len, device) if self.batch_invariant else None
+        pad = (bucket_bias([p + 1 for p in positions], cache.max_len, cache.k.dtype, device)
+               if self.batch_invariant else None)
         step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask,
                     per_row=self.batch_invariant, pad=pad)
         x, rope_pos = embeds.unsqueeze(1), pos.view(b, 1)
-        if self.batch_invariant and b < MIN_GEMM_ROWS:
+        if self.batch_invariant and b != padded_rows(b):
             # Pad once for the whole step (see `linear`): extra rows ride through the linears and
             # norms but never touch the cache or the attention.
-            extra = MIN_GEMM_ROWS - b
+            extra = padded_rows(b) - b
             x = torch.cat([x, x.new_zeros(extra, 1, x.shape[-1])])
             rope_pos = torch.cat([rope_pos, rope_pos.new_zeros(extra, 1)])
         return self._run(x, rope_pos, cache, step, length)[:b, 0]
@@ -300,5 +321,5 @@ class Step:
     mask: torch.Tensor | None = None  # boolean, True = attend
     causal: bool = False
     per_row: bool = False  # batch-invariant decode: padded linears, bucketed attention
-    pad: torch.Tensor | None = None  # decode, batch-invariant: padding keys (see bucket_mask)
+    pad: torch.Tensor | None = None  # decode, batch-invariant: -inf on padding keys (see bucket_bias)
     flash: object = None  # prefill: flash_attn_func when enabled

@@ -37,6 +37,44 @@ class Prepared:
     max_prompt_tokens: int
 
 
+async def _merged(streams: list) -> AsyncIterator[tuple[int, Event]]:
+    """(choice index, event) from every engine stream until each has finished. A single stream
+    (n=1, the usual case) is iterated directly: no relay task and queue hop per token."""
+    if len(streams) == 1:
+        try:
+            async for ev in streams[0]:
+                yield 0, ev
+        except Exception as e:  # noqa: BLE001
+            yield 0, Event(finish_reason="error", error=str(e))
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for ev in stream:
+                await queue.put((i, ev))
+        except Exception as e:  # noqa: BLE001
+            await queue.put((i, Event(finish_reason="error", error=str(e))))
+        finally:
+            await stream.aclose()
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(streams):
+            i, ev = await queue.get()
+            if ev is None:
+                done += 1
+                continue
+            yield i, ev
+    finally:
+        # Cancelling a pump cancels its engine stream, whose cleanup aborts the request.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class ChatService:
     def __init__(self, settings: Settings, lm: LoadedModel, engine: Engine, metrics=None):
         self.settings = settings
@@ -244,29 +282,13 @@ class ChatService:
             return (f'data: {head}, "choices": [{{"index": {i}, "delta": {{"content": '
                     f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}]{tail}')
 
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream) -> None:
-            try:
-                async for ev in stream:
-                    await queue.put((i, ev))
-            except Exception as e:  # noqa: BLE001
-                await queue.put((i, Event(finish_reason="error", error=str(e))))
-            finally:
-                await stream.aclose()
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        events = _merged(streams)
         try:
             for i in range(len(streams)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            done, prompt, completion, images = 0, 0, 0, None
-            while done < len(streams):
-                i, ev = await queue.get()
-                if ev is None:
-                    done += 1
-                    continue
+            prompt, completion, images = 0, 0, None
+            async for i, ev in events:
                 if ev.error is not None:
                     err = APIError(ev.error_status, ev.error, type=ev.error_type)
                     yield "data: " + json.dumps(err.body()) + "\n\n"
@@ -294,9 +316,6 @@ class ChatService:
                                  "total_tokens": prompt + completion})
             yield "data: [DONE]\n\n"
         finally:
-            # Cancelling a pump cancels its engine stream, whose cleanup aborts the request.
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await events.aclose()  # closing an engine stream early aborts its request
             for s in streams:
                 await s.aclose()

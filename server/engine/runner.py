@@ -116,9 +116,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         num_slots = fit_slots(num_slots, max_model_len, cfg, lm.dtype, lm.device)
         self.num_slots = num_slots
-        self.cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=num_slots,
-                             num_kv_heads=cfg.num_key_value_heads, max_len=max_model_len, head_dim=cfg.dim_head,
-                             dtype=lm.dtype, device=lm.device)
+        self.cache = self.llm.new_cache(num_slots=num_slots, max_len=max_model_len, dtype=lm.dtype, device=lm.device)
         self.eos = set(lm.eos_token_ids)
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.vocab = cfg.vocab_size

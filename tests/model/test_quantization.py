@@ -1,16 +1,13 @@
 import pytest
 import torch
 
-from model.kv_cache import KVCache
 from model.loading import LoadOptions, load_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the `quant` extra) is not installed")
 
 
 def _logits(lm, embeds):
-    cfg = lm.cfg
-    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
-                    max_len=16, head_dim=cfg.dim_head, dtype=torch.float32, device="cpu")
+    cache = lm.model.llm.new_cache(num_slots=1, max_len=16, dtype=torch.float32, device="cpu")
     return lm.model.llm.logits(lm.model.llm.prefill(embeds, cache, slot=0, start=0))
 
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from model.adapters import GatedProjector
-from model.kv_cache import KVCache
 from model.resampler import Resampler, interpolate_pos_embed, sincos_pos_embed_2d
 from model.selection import select_tokens, selection_scores
 from model.slicing import count_image_tokens
@@ -187,8 +186,8 @@ def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, monkeypatc
     with torch.inference_mode():
         expect = ref(inputs_embeds=embeds).logits[0]
         llm = tiny_lm.model.llm
-        cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=3, num_kv_heads=cfg.num_key_value_heads,
-                        max_len=64, head_dim=cfg.dim_head, dtype=torch.float32, device="cpu")
+        cache = llm.new_cache(num_slots=3, max_len=64, dtype=torch.float32, device="cpu")
+        assert cache.keys_transposed == invariant  # the layout each decode kernel wants
         last = llm.prefill(embeds[0, :30], cache, slot=0, start=0)
         assert torch.allclose(llm.logits(last), expect[29], atol=1e-4)
         # chunked prefill continues from the cache
@@ -201,7 +200,7 @@ def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, monkeypatc
         assert torch.allclose(llm.logits(h[1]), expect[20], atol=1e-4)
 
 
-def test_decode_is_batch_invariant_on_cpu(tiny_lm):
+def test_decode_is_batch_invariant_on_cpu(tiny_lm, intra_op_threads):
     """float32 on the CPU: a sequence's logits are bit-identical alone and among 15 others."""
     llm = tiny_lm.model.llm
     assert llm.batch_invariant
@@ -211,8 +210,7 @@ def test_decode_is_batch_invariant_on_cpu(tiny_lm):
     lengths = [700 + 41 * i for i in range(16)]
 
     def run(rows):
-        cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=16, num_kv_heads=cfg.num_key_value_heads,
-                        max_len=1500, head_dim=cfg.dim_head, dtype=torch.float32, device="cpu")
+        cache = llm.new_cache(num_slots=16, max_len=1500, dtype=torch.float32, device="cpu")
         for slot, i in enumerate(rows):
             llm.prefill(embeds[i, :lengths[i]], cache, slot=slot, start=0)
         h = llm.decode(torch.stack([embeds[i, 1399] for i in rows]), [lengths[i] for i in rows], cache)
@@ -222,15 +220,41 @@ def test_decode_is_batch_invariant_on_cpu(tiny_lm):
     for i in (0, 7, 15):
         assert torch.equal(run([i])[0], together[i])
     assert torch.equal(run([3, 9])[1], together[9])
+    assert torch.equal(run(list(range(5, 10)))[2], together[7])  # 5 rows: padded to 8
 
 
-def test_padded_linear_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kv_cache_layouts_index_alike_and_move_slots(transposed):
+    from model.kv_cache import KVCache
+
+    cache = KVCache(num_layers=2, num_slots=3, num_kv_heads=2, max_len=10, head_dim=4, dtype=torch.float32,
+                    device="cpu", keys_transposed=transposed)
+    assert cache.k.shape == cache.v.shape == (2, 3, 2, 10, 4)
+    keys = torch.randn(2, 2, 7, 4)
+    cache.k[:, 2, :, :7] = keys
+    cache.move_slot(2, 0, 7)
+    assert torch.equal(cache.k[:, 0, :, :7], keys)
+    assert cache.k[:, 0, :, 7:].abs().sum() == 0
+    if transposed:  # K^T rows contiguous: what the CPU decode kernel reads
+        assert cache.k[0, 0].transpose(-1, -2).is_contiguous()
+
+
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}-threads")
+def intra_op_threads(request):
+    """GEMMs split rows between threads: invariance must hold whatever the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_padded_linear_rows_do_not_depend_on_the_batch(intra_op_threads):
     from model.llm import linear
 
     torch.manual_seed(1)
-    for d_in, d_out in [(64, 176), (176, 64), (64, 1200)]:
+    for d_in, d_out in [(64, 176), (176, 64), (64, 1200), (512, 512)]:
         layer = torch.nn.Linear(d_in, d_out, bias=False)
         x = torch.randn(40, 1, d_in)
         full = linear(layer, x, per_row=True)
-        for n in (1, 2, 3, 4, 5, 9, 17):
+        for n in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 17):
             assert torch.equal(linear(layer, x[:n], per_row=True), full[:n]), (d_in, d_out, n)

@@ -131,6 +131,19 @@ def test_n_choices_and_logprobs(client):
     assert r.usage.completion_tokens == 12
 
 
+def test_streamed_n_choices_each_complete(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in client.chat.completions.create(**kwargs, n=2, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {0: whole, 1: whole}
+    assert set(finishes) == {0, 1}
+
+
 def test_sixteen_concurrent_streams_equal_their_solo_runs(aclient, tiny_lm, ironing, waterview):
     images = [(ironing if i % 2 else waterview).resize((300 + 37 * i, 200 + 23 * i)) for i in range(16)]
     refs = [solo(tiny_lm, [img], n=10) for img in images]

@@ -1,0 +1,15 @@
+"""The benchmarks' client against a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.settings import Settings
+from tests.server.conftest import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=4)).start()
+    yield s
+    s.stop()
