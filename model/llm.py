@@ -75,12 +75,39 @@ def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Te
     """
     if not per_row or type(layer) is not nn.Linear:
         return layer(x)
+    return gemm_rows(x, layer.weight, layer.bias)
+
+
+def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Batch-invariant `F.linear` (see `linear`): rows padded to a multiple of GEMM_ROW_BLOCK."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     n = rows.shape[0]
     if n != padded_rows(n):
         rows = torch.cat([rows, rows.new_zeros(padded_rows(n) - n, shape[-1])])
-    return F.linear(rows, layer.weight, layer.bias)[:n].reshape(*shape[:-1], -1)
+    return F.linear(rows, weight, bias)[:n].reshape(*shape[:-1], -1)
+
+
+def fuse_linears(owner: nn.Module, name: str, layers: list[nn.Module]) -> bool:
+    """Concatenate the weights (and biases) of linears that read the same input into one matrix,
+    registered on `owner` as non-persistent buffers `{name}_weight` / `{name}_bias`; each layer's
+    parameters become views of it (no second copy). One GEMM then replaces several in decode.
+    Returns False (nothing done) unless every layer is a plain `nn.Linear`."""
+    if any(type(layer) is not nn.Linear for layer in layers):
+        return False
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    biases = [layer.bias for layer in layers]
+    bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
+        start += rows
+    owner.register_buffer(f"{name}_weight", weight, persistent=False)
+    owner.register_buffer(f"{name}_bias", bias, persistent=False)
+    return True
 
 
 KEY_BUCKET = 64
@@ -132,16 +159,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
+        self.fused = False  # see `fuse`
+
+    def fuse(self) -> None:
+        """q, k and v projections as one GEMM (and one RoPE) in batch-invariant decode."""
+        self.fused = fuse_linears(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 step: "Step") -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, D]
         pr = step.per_row
-        q = linear(self.q_proj, x, pr).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = linear(self.k_proj, x, pr).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = linear(self.v_proj, x, pr).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = (q * cos) + (rotate_half(q) * sin)
-        k = (k * cos) + (rotate_half(k) * sin)
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if pr and self.fused:
+            qkv = gemm_rows(x, self.qkv_weight, self.qkv_bias).view(b, t, h + 2 * hkv, hd).transpose(1, 2)
+            qk = qkv[:, :h + hkv]  # RoPE on q and k heads at once: the same elementwise ops
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]  # [B, H|Hkv, T, hd]
+        else:
+            q = linear(self.q_proj, x, pr).view(b, t, h, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = linear(self.k_proj, x, pr).view(b, t, hkv, hd).transpose(1, 2)
+            v = linear(self.v_proj, x, pr).view(b, t, hkv, hd).transpose(1, 2)
+            q = (q * cos) + (rotate_half(q) * sin)
+            k = (k * cos) + (rotate_half(k) * sin)
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, Hkv, Tmax, hd]
         gqa = self.num_kv_heads != self.num_heads
         if step.positions is not None:  # decode: sequence i sits in slot i
@@ -178,9 +217,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, i, bias=b)
         self.up_proj = nn.Linear(d, i, bias=b)
         self.down_proj = nn.Linear(i, d, bias=b)
+        self.fused = False
+
+    def fuse(self) -> None:
+        """gate and up projections as one GEMM in batch-invariant decode."""
+        self.fused = fuse_linears(self, "gate_up", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
+        if per_row and self.fused:
+            gate, up = gemm_rows(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        else:
+            gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
         return linear(self.down_proj, F.silu(gate) * up, per_row)
 
 
@@ -241,6 +288,13 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rope_tables(length, positions.device)
         # [B, T] -> [B, 1, T, hd], cast to the activations' dtype as transformers does
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+
+    def enable_batch_invariant(self) -> None:
+        """Batch-invariant decode (CPU float32): padded GEMMs, bucketed attention, fused projections."""
+        self.batch_invariant = True
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def new_cache(self, *, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

@@ -232,7 +232,8 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         from .quantization import quantize_llm
 
         quantize_llm(model.llm, opts.quantization, compute_dtype=dtype, device=device)
-    model.llm.batch_invariant = device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none"
+    if device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none":
+        model.llm.enable_batch_invariant()
     model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)
     tokenizer = load_tokenizer(path)
     template = detect_template(tokenizer.get_vocab())

@@ -258,3 +258,27 @@ def test_padded_linear_rows_do_not_depend_on_the_batch(intra_op_threads):
         full = linear(layer, x, per_row=True)
         for n in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 17):
             assert torch.equal(linear(layer, x[:n], per_row=True), full[:n]), (d_in, d_out, n)
+
+
+def test_fused_decode_projections_share_weights_and_match(tiny_lm):
+    llm = tiny_lm.model.llm
+    attn, mlp = llm.model.layers[0].self_attn, llm.model.layers[0].mlp
+    assert attn.fused and mlp.fused  # loaded for CPU float32
+    # the separate projections are views of the fused matrix: one copy of the weights
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    assert not any("qkv" in k or "gate_up" in k for k in llm.state_dict())  # checkpoint names unchanged
+    cache = llm.new_cache(num_slots=2, max_len=64, dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    embeds = torch.randn(21, tiny_lm.cfg.hidden_size)
+    llm.prefill(embeds[:20], cache, slot=0, start=0)
+    fused = llm.decode(embeds[20:], [20], cache)
+    layers = list(llm.model.layers)
+    try:
+        for layer in layers:
+            layer.self_attn.fused = layer.mlp.fused = False
+        separate = llm.decode(embeds[20:], [20], cache)
+    finally:
+        for layer in layers:
+            layer.self_attn.fused = layer.mlp.fused = True
+    assert torch.allclose(fused, separate, atol=1e-6)
