@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--text-max-tokens", type=int, default=64)
-    ap.add_argument("--text-rounds", type=int, default=5, help="alternating rounds per server")
+    ap.add_argument("--text-rounds", type=int, default=9, help="alternating rounds per server")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the concurrency levels")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(concurrency, 4)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers serve")
@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(text_rows) >= 3:
         ratios = [a / b for a, b in zip(text_rows[0]["rounds_tok_s"], text_rows[2]["rounds_tok_s"])]
         print(f"\nslime vs transformers serve at 16: x{text_rows[0]['tok_s'] / text_rows[2]['tok_s']:.2f} tokens/s "
-              f"(median rounds); per round: {', '.join(f'x{x:.2f}' for x in ratios)}")
+              f"(median rounds); per round: {', '.join(f'x{x:.2f}' for x in ratios)} "
+              f"(median of the paired rounds x{median(ratios):.2f})")
+        summary["text_paired_ratios"] = ratios
     summary["text"] = text_rows
     (out / "serve.json").write_text(json.dumps(summary, indent=2))
     print(f"\nplot: {out / 'serve.png'}")

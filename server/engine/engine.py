@@ -66,8 +66,8 @@ class Engine:
     """Continuous batching over a fixed pool of KV-cache slots.
 
     Each step: admit a waiting request if a slot is free, run one prefill chunk of the sequence
-    being prefilled (so running streams stall at most one chunk), then one batched decode forward
-    for every decoding sequence.
+    being prefilled (so running streams stall at most one chunk) -- or several short prompts whose
+    total fits in one chunk -- then one batched decode forward for every decoding sequence.
     """
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk: int = 512,
@@ -254,14 +254,25 @@ class Engine:
     def step(self) -> None:
         self.steps += 1
         sched = self.scheduler
+        budget = self.prefill_chunk  # prompt positions per step
         seq = sched.next_prefill()
-        if seq is not None:
-            self._prefill(seq)
+        while seq is not None:
+            budget -= self._prefill(seq)
+            if sched.prefilling is not None:  # a long prompt mid-way: its next chunk is next step's
+                break
+            # Further prompts join this step only if they surely end within what is left of the
+            # budget: a prompt's chunks never depend on what else was admitted (same numbers).
+            nxt = sched.waiting[0] if sched.waiting else None
+            if nxt is None or nxt.max_prompt_tokens > budget:
+                break
+            seq = sched.next_prefill()
         if sched.decoding:
             self._decode(list(sched.decoding))
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seq: Sequence) -> int:
+        """One prefill chunk of `seq` (admitting it first); returns the prompt positions it ran."""
         req = seq.request
+        before = seq.prefilled
         try:
             if seq.embeds is None and seq.prefilled == 0:
                 self._by_id[req.request_id] = seq
@@ -279,18 +290,20 @@ class Engine:
             log.exception("prefill failed for %s", req.request_id)
             if isinstance(e, CacheMiss):
                 self._fail(seq, str(e), status=503, etype="unavailable")
-                return
+                return 0
             bad_input = isinstance(e, ValueError)
             self._fail(seq, str(e) if bad_input else "model error during prefill", status=400 if bad_input else 500,
                        etype="invalid_request_error" if bad_input else "server_error")
-            return
+            return 0
+        ran = seq.prefilled - before
         if first is None:
-            return
+            return ran
         move = self.scheduler.finish_prefill(seq)
         if move:
             self.runner.move(move[0], move[1], seq.prompt_len)
         token, info = first
         self._append(seq, token, info, images=seq.state.images)
+        return ran
 
     def _decode(self, seqs: list[Sequence]) -> None:
         try:
