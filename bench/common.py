@@ -28,6 +28,7 @@ def single_thread_env() -> dict[str, str]:
 
 class Process:
     def __init__(self, args: list[str], url: str, ready_path: str, log: Path):
+        log.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=single_thread_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self.url = url
