@@ -53,6 +53,16 @@ class Process:
         self.log.close()
 
 
+def tiny_or(model: str | None) -> Path:
+    """The checkpoint a benchmark runs: `model`, else the tiny one under .cache/ (built if absent)."""
+    path = Path(model) if model else ROOT / ".cache" / "tiny-slime"
+    if not model and not (path / "config.json").exists():
+        from weights.make_tiny import make_tiny
+
+        make_tiny(path)
+    return path
+
+
 def start_slime(model: Path, log: Path, *extra: str) -> Process:
     port = free_port()
     args = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--device", "cpu",

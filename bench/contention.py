@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from .common import ROOT
+from .common import tiny_or
 
 
 def _busy_torch(stop: threading.Event) -> None:
@@ -77,14 +77,14 @@ def _busy_vision(lm):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.contention")
-    ap.add_argument("--model", default=str(ROOT / ".cache" / "tiny-slime"))
+    ap.add_argument("--model", default=None, help="checkpoint (default: the tiny one, built under .cache/)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=1200)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args(argv)
     from model.loading import load_model
 
-    lm = load_model(args.model)
+    lm = load_model(tiny_or(args.model))
     llm = lm.model.llm
     cache = llm.new_cache(num_slots=args.batch, max_len=args.context + 64)
     cache.k.normal_()

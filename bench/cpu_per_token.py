@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import ROOT, start_slime
+from .common import ROOT, start_slime, tiny_or
 from .sse_client import stream_events
 
 
@@ -42,7 +42,7 @@ async def _stream(url: str, model: str, i: int, tokens: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cpu_per_token")
-    ap.add_argument("--model", default=str(ROOT / ".cache" / "tiny-slime"))
+    ap.add_argument("--model", default=None, help="checkpoint (default: the tiny one, built under .cache/)")
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
@@ -50,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/task").exists():
         print("needs Linux /proc")
         return 2
-    model = Path(args.model)
-    if not (model / "config.json").exists():
-        from weights.make_tiny import make_tiny
-
-        make_tiny(model)
+    model = tiny_or(args.model)
     server = start_slime(model, ROOT / "artifacts" / "cpu-per-token-server.log", "--max-batch-size",
                          str(args.streams))
     pid = server.proc.pid

@@ -11,9 +11,8 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from .common import ROOT, single_thread_env
+from .common import ROOT, single_thread_env, tiny_or
 
 CHILD = r"""
 import json, resource, sys, time
@@ -33,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
-    model = Path(args.model) if args.model else ROOT / ".cache" / "tiny-slime"
-    if not (model / "config.json").exists():
-        from weights.make_tiny import make_tiny
-
-        make_tiny(model)
+    model = tiny_or(args.model)
     rows = []
     for _ in range(args.repeat):
         out = subprocess.run([sys.executable, "-c", CHILD, str(model), args.dtype], capture_output=True, text=True,

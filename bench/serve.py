@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .common import ROOT, Process, free_port, median, pct, start_slime
+from .common import Process, ROOT, free_port, median, pct, start_slime, tiny_or
 from .sse_client import stream_events
 
 QUESTION = "What is unusual about this image?"
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model) if args.model else ROOT / ".cache" / "tiny-slime"
-    if not (model / "config.json").exists():
-        from weights.make_tiny import make_tiny
-
-        make_tiny(model)
+    model = tiny_or(args.model)
     name = model.name
     levels = [int(x) for x in args.concurrency.split(",")]
     rows: list[dict] = []

@@ -15,13 +15,12 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from .common import ROOT, median, start_slime
+from .common import ROOT, median, start_slime, tiny_or
 
 
 def image_url(seed: int) -> str:
@@ -52,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
-    model = Path(args.model) if args.model else ROOT / ".cache" / "tiny-slime"
-    if not (model / "config.json").exists():
-        from weights.make_tiny import make_tiny
-
-        make_tiny(model)
+    model = tiny_or(args.model)
     out = ROOT / "artifacts" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     server = start_slime(model, out / "server-vision-cache.log")
