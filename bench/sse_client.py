@@ -36,7 +36,10 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
 async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
     if headers.get("transfer-encoding", "").lower() == "chunked":
         while True:
-            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+            line = await reader.readline()
+            if not line:
+                raise HTTPError("connection closed in the middle of the body")
+            size = int(line.split(b";")[0].strip(), 16)
             if size == 0:
                 await reader.readline()
                 return
@@ -74,5 +77,6 @@ async def stream_events(url: str, path: str, body: dict) -> AsyncIterator[dict]:
                     if line == b"data: [DONE]":
                         return
                     yield json.loads(line[6:])
+        raise HTTPError("the stream ended without [DONE]")
     finally:
         writer.close()
