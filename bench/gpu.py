@@ -4,8 +4,10 @@ measured against the memory-bandwidth roofline. One run, a short table at the en
     python -m bench.gpu [--dtype bfloat16] [--batches 1,8,32,64] [--steps 64]
 
 CLIP ViT-L/14-336 shapes, a Vicuna-7B-shaped Llama, the real projector and sampler shapes.
-Measures decode tokens/s per batch size, TTFT of a 1344 x 1008 image request, peak memory, and
-batch-1 decode time against weight bytes / the bandwidth of a large device-to-device copy.
+Measures decode tokens/s per batch size, eager and as CUDA graphs (what the server runs), TTFT of
+a 1344 x 1008 image request, peak memory, and batch-1 decode time against the roofline: the
+weight bytes one step reads (all LLM weights but the embedding table, which is gathered) divided
+by the bandwidth of a large device-to-device copy measured in the same run.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ def build(device: torch.device, dtype: torch.dtype):
                 p.data = (torch.randn(p.shape, device=device, dtype=torch.float32) * p.shape[-1] ** -0.5).to(dtype)
             else:
                 p.data = torch.ones(p.shape, device=device, dtype=dtype)
+    model.llm.fuse_projections()  # as the loader does for unquantized models
     return model.eval(), cfg
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
     a = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
@@ -60,7 +64,79 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     for _ in range(n):
         b.copy_(a)
     torch.cuda.synchronize()
-    return 2 * nbytes * n / (time.perf_counter() - t0)  # read + write
+    return 2 * nbytes * n / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def decode_rate(llm, batch: int, *, graphs: bool, context: int, steps: int, dtype: torch.dtype) -> dict:
+    """Greedy decode steps at `batch` sequences of `context` cached positions, each step ending in
+    a host read of the tokens as the engine's does."""
+    from model.decode_graphs import DecodeGraphs
+
+    device = llm.lm_head.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # the CPU: tests only
+    cache = llm.new_cache(num_slots=batch + 1, max_len=context + steps + 16, dtype=dtype, device=device)
+    ids = [1] * batch
+    if graphs:
+        step = DecodeGraphs(llm, cache)
+    else:
+        def step(ids, positions):
+            return llm.logits(llm.decode(llm.embed(torch.tensor(ids, device=device)), positions, cache))
+    for i in range(3):  # warm-up (and capture)
+        ids = step(ids, [context + i] * batch).argmax(-1).tolist()
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        ids = step(ids, [context + 3 + i] * batch).argmax(-1).tolist()
+    dt = (time.perf_counter() - t0) / steps
+    return {"mode": "graphs" if graphs else "eager", "batch": batch, "step_ms": dt * 1e3, "tok_s": batch / dt}
+
+
+@torch.inference_mode()
+def image_ttft(model, llm, dtype: torch.dtype, runs: int = 4) -> float:
+    """Median seconds from a 1344 x 1008 image plus a question to the first token, on the device."""
+    from PIL import Image
+
+    from model.slicing import preprocess
+
+    device = llm.lm_head.weight.device
+    img = Image.new("RGB", (1344, 1008), (120, 80, 200))
+    ids = list(range(1, 40)) + [-200] + list(range(40, 60))
+    cache = llm.new_cache(num_slots=1, max_len=4096, dtype=dtype, device=device)
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pixels, grid = preprocess(img)
+        feats = model.encode_images([torch.from_numpy(pixels)], [grid])
+        embeds, _ = model.embed_prompt(ids, feats)
+        hidden = llm.prefill(embeds, cache, slot=0, start=0)
+        int(llm.logits(hidden).argmax())
+        times.append(time.perf_counter() - t0)
+    rest = sorted(times[1:])  # the first run pays for lazy initialisation
+    return rest[len(rest) // 2]
+
+
+@torch.inference_mode()
+def kernel_profile(llm, context: int, dtype: torch.dtype, steps: int = 5) -> tuple[float, str]:
+    """Eager batch-1 decode under torch.profiler: the GPU's kernel time per step (what a replayed
+    graph cannot go below) and a table of the kernels that take it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = llm.lm_head.weight.device
+    cache = llm.new_cache(num_slots=1, max_len=context + steps + 8, dtype=dtype, device=device)
+    emb = llm.embed(torch.tensor([1], device=device))
+    llm.logits(llm.decode(emb, [context], cache))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            llm.logits(llm.decode(emb, [context + 1 + i], cache))
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total_us = sum(e.self_device_time_total for e in events) / steps
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0) / steps
+    table = events.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=60)
+    return total_us / 1e3, f"{kernels:.0f} device ops per step\n{table}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,67 +145,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--context", type=int, default=1024, help="positions already in each sequence's cache")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", action="store_true", help="also profile the kernels of an eager batch-1 step")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
         return 2
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    from model.slicing import preprocess
-
     model, cfg = build(device, dtype)
     llm = model.llm
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters())
+    # bytes one decode step must read: every LLM weight but the embedding table (one row gathered)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if "embed_tokens" not in n)
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.dim_head * torch.empty((), dtype=dtype).element_size()
     bw = copy_bandwidth(device)
-    rows = []
     batches = [int(x) for x in args.batches.split(",")]
-    for b in batches:
-        cache = llm.new_cache(num_slots=b, max_len=args.context + args.steps + 8, dtype=dtype, device=device)
-        emb = torch.randn(b, cfg.hidden_size, device=device, dtype=dtype)
-        positions = [args.context] * b
-        for _ in range(3):
-            llm.logits(llm.decode(emb, positions, cache))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            llm.logits(llm.decode(emb, [args.context + i] * b, cache)).argmax(-1)
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / args.steps
-        rows.append({"batch": b, "step_ms": dt * 1e3, "tok_s": b / dt})
-        del cache
-        torch.cuda.empty_cache()
-    # TTFT: a 1344 x 1008 image plus a short question, end to end on the device
-    from PIL import Image
-
-    img = Image.new("RGB", (1344, 1008), (120, 80, 200))
-    ids = list(range(1, 40)) + [-200] + list(range(40, 60))
-    cache = llm.new_cache(num_slots=1, max_len=4096, dtype=dtype, device=device)
-    ttfts = []
-    for _ in range(4):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        pixels, grid = preprocess(img)
-        feats = model.encode_images([torch.from_numpy(pixels)], [grid])
-        embeds, _ = model.embed_prompt(ids, feats)
-        hidden = llm.prefill(embeds, cache, slot=0, start=0)
-        int(llm.logits(hidden).argmax())
-        ttfts.append(time.perf_counter() - t0)
-    ttft = sorted(ttfts[1:])[len(ttfts[1:]) // 2]
+    rows = []
+    for graphs in (False, True):
+        for b in batches:
+            rows.append(decode_rate(llm, b, graphs=graphs, context=args.context, steps=args.steps, dtype=dtype))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()  # that run's cache and graphs are gone
+    ttft = image_ttft(model, llm, dtype)
+    kernel_ms, kernel_table = kernel_profile(llm, args.context, dtype) if args.profile else (None, "")
+    name = torch.cuda.get_device_name()
+    peak = torch.cuda.max_memory_allocated() / 1e9
     roofline_ms = weight_bytes / bw * 1e3
-    b1 = rows[0]["step_ms"]
-    print(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "ttft_s": ttft,
-                      "weight_gb": weight_bytes / 1e9, "copy_bw_gbs": bw / 1e9,
-                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}))
-    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}, context {args.context}")
-    print("| batch | step ms | tokens/s |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} |")
-    print(f"batch-1 roofline {roofline_ms:.2f} ms ({weight_bytes / 1e9:.1f} GB at {bw / 1e9:.0f} GB/s): "
-          f"{roofline_ms / b1 * 100:.0f}% of roofline")
-    if 32 in batches:
-        print(f"batch 32 vs batch 1 throughput: x{next(r for r in rows if r['batch'] == 32)['tok_s'] / rows[0]['tok_s']:.1f}")
-    print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+    kv_ms = kv_bytes * (args.context + args.steps) / bw * 1e3  # batch 1's cache read, for reference
+    result = {"device": name, "dtype": args.dtype, "context": args.context, "rows": rows, "ttft_s": ttft,
+              "weight_gb": weight_bytes / 1e9, "copy_bw_gbs": bw / 1e9, "roofline_ms": roofline_ms,
+              "peak_mem_gb": peak, "batch1_kernel_ms": kernel_ms}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    by = {(r["mode"], r["batch"]): r for r in rows}
+    print(f"\n{name}, {args.dtype}, {args.context} cached positions per sequence, {args.steps} steps")
+    print("| batch | eager ms/step | eager tokens/s | graphs ms/step | graphs tokens/s | graphs/eager |")
+    print("|---|---|---|---|---|---|")
+    for b in batches:
+        e, g = by[("eager", b)], by[("graphs", b)]
+        print(f"| {b} | {e['step_ms']:.2f} | {e['tok_s']:.0f} | {g['step_ms']:.2f} | {g['tok_s']:.0f} | "
+              f"x{g['tok_s'] / e['tok_s']:.2f} |")
+    print(f"roofline: {weight_bytes / 1e9:.2f} GB of weights at {bw / 1e9:.0f} GB/s = {roofline_ms:.2f} ms "
+          f"(+{kv_ms:.2f} ms for batch 1's KV cache)")
+    for mode in ("eager", "graphs"):
+        b1 = by[(mode, batches[0])]["step_ms"]
+        line = f"{mode}: batch {batches[0]} at {roofline_ms / b1 * 100:.0f}% of the weight roofline"
+        if 32 in batches:
+            line += f"; batch 32 = x{by[(mode, 32)]['tok_s'] / by[(mode, batches[0])]['tok_s']:.1f} batch {batches[0]}'s tokens/s"
+        print(line)
+    if kernel_ms is not None:
+        print(kernel_table)
+        print(f"batch 1: {kernel_ms:.2f} ms of kernel time per step (the floor for a replayed graph)")
+    print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB")
     return 0
 
 

@@ -27,7 +27,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if h.is_cuda:  # one fused kernel instead of five (decode launches two per layer)
+            h = F.rms_norm(h, (h.shape[-1],), eps=self.eps)
+        else:  # the reference's own ops: bit-for-bit what transformers computes on the CPU
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
 
@@ -162,7 +165,7 @@ class Attention(nn.Module):
         self.fused = False  # see `fuse`
 
     def fuse(self) -> None:
-        """q, k and v projections as one GEMM (and one RoPE) in batch-invariant decode."""
+        """q, k and v projections as one GEMM (and one RoPE)."""
         self.fused = fuse_linears(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -170,8 +173,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape  # [B, T, D]
         pr = step.per_row
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if pr and self.fused:
-            qkv = gemm_rows(x, self.qkv_weight, self.qkv_bias).view(b, t, h + 2 * hkv, hd).transpose(1, 2)
+        if self.fused:
+            qkv = (gemm_rows if pr else F.linear)(x, self.qkv_weight, self.qkv_bias)
+            qkv = qkv.view(b, t, h + 2 * hkv, hd).transpose(1, 2)
             qk = qkv[:, :h + hkv]  # RoPE on q and k heads at once: the same elementwise ops
             qk = (qk * cos) + (rotate_half(qk) * sin)
             q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]  # [B, H|Hkv, T, hd]
@@ -220,12 +224,12 @@ class MLP(nn.Module):
         self.fused = False
 
     def fuse(self) -> None:
-        """gate and up projections as one GEMM in batch-invariant decode."""
+        """gate and up projections as one GEMM."""
         self.fused = fuse_linears(self, "gate_up", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        if per_row and self.fused:
-            gate, up = gemm_rows(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        if self.fused:
+            gate, up = (gemm_rows if per_row else F.linear)(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         else:
             gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
         return linear(self.down_proj, F.silu(gate) * up, per_row)
@@ -289,12 +293,17 @@ class LlamaForCausalLM(nn.Module):
         # [B, T] -> [B, 1, T, hd], cast to the activations' dtype as transformers does
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
-    def enable_batch_invariant(self) -> None:
-        """Batch-invariant decode (CPU float32): padded GEMMs, bucketed attention, fused projections."""
-        self.batch_invariant = True
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as one GEMM each (weights shared as views; quantized layers stay as
+        they are): fewer, larger kernels, which matters most for small decode batches."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    def enable_batch_invariant(self) -> None:
+        """Batch-invariant decode (CPU float32): padded GEMMs, bucketed attention, fused projections."""
+        self.batch_invariant = True
+        self.fuse_projections()
 
     def new_cache(self, *, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
@@ -362,6 +371,25 @@ class LlamaForCausalLM(nn.Module):
             rope_pos = torch.cat([rope_pos, rope_pos.new_zeros(extra, 1)])
         return self._run(x, rope_pos, cache, step, length)[:b, 0]
 
+    @torch.inference_mode()
+    def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+                      span: int) -> torch.Tensor:
+        """The decode step with every shape fixed by (B, span) and no host sync, so that it can be
+        captured in a CUDA graph and replayed with new ids and positions (see `model.decode_graphs`).
+
+        ids, positions, slots `[B]` on the device: row i feeds token ids[i] at positions[i], writes
+        its K/V to cache slot slots[i] and attends to the first `span` keys of slot i (i.e. to keys
+        0..positions[i] there, by mask). -> float32 logits `[B, V]`.
+        """
+        b = ids.shape[0]
+        keys = torch.arange(span, device=ids.device)
+        masked = (keys.view(1, -1) > positions.view(-1, 1)).view(b, 1, 1, span)
+        # additive (0 / -inf), built once: a boolean mask would be converted again in every layer
+        bias = torch.zeros(masked.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(masked, float("-inf"))
+        step = Step(slots=slots, positions=positions, length=span, mask=bias)
+        hidden = self._run(self.embed(ids).unsqueeze(1), positions.view(b, 1), cache, step, cache.max_len)
+        return self.lm_head(hidden[:, 0]).float()
+
 
 @dataclass
 class Step:
@@ -372,7 +400,7 @@ class Step:
     slots: torch.Tensor | None = None  # decode: `[B]` slots (0..B-1) and new positions `[B]`
     positions: torch.Tensor | None = None
     length: int = 0  # decode: keys read per sequence
-    mask: torch.Tensor | None = None  # boolean, True = attend
+    mask: torch.Tensor | None = None  # boolean (True = attend) or additive
     causal: bool = False
     per_row: bool = False  # batch-invariant decode: padded linears, bucketed attention
     pad: torch.Tensor | None = None  # decode, batch-invariant: -inf on padding keys (see bucket_bias)

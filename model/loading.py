@@ -59,6 +59,7 @@ class LoadedModel:
     dtype: torch.dtype
     stats: dict[str, Any] = field(default_factory=dict)
     image_norm: ImageNorm = CLIP_NORM  # the tower's processor mean/std
+    quantization: str = "none"  # none | 8bit | 4bit (LLM linears)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -234,12 +235,15 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         quantize_llm(model.llm, opts.quantization, compute_dtype=dtype, device=device)
     if device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none":
         model.llm.enable_batch_invariant()
+    elif opts.quantization == "none":
+        model.llm.fuse_projections()
     model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)
     tokenizer = load_tokenizer(path)
     template = detect_template(tokenizer.get_vocab())
     stats = {"load_seconds": time.perf_counter() - t0,
              "parameters": sum(p.numel() for p in model.parameters())}
-    return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats, read_image_norm(norm_dirs))
+    return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats, read_image_norm(norm_dirs),
+                       opts.quantization)
 
 
 def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource, tower: TensorSource,

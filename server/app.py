@@ -64,24 +64,13 @@ def build_service(settings: Settings, metrics: Metrics):
                                       quantization=settings.quantization, allow_download=settings.allow_download,
                                       attention=settings.attention))
     runner = ModelRunner(lm, num_slots=settings.max_batch_size, max_model_len=settings.max_model_len,
-                         vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024)
+                         vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024, cuda_graphs=settings.cuda_graphs)
     engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics)
-    _warm_up(runner)
+    runner.warm_up()
     engine.start()
     log.info("model %s loaded in %.1fs", path, lm.stats["load_seconds"])
     return ChatService(settings, lm, engine, metrics), engine
-
-
-def _warm_up(runner) -> None:
-    """One tiny forward so the first request does not pay for lazy initialisation."""
-    import torch
-
-    llm = runner.llm
-    with torch.inference_mode():
-        emb = llm.embed(torch.tensor([0, 0], device=runner.device))
-        llm.prefill(emb, runner.cache, slot=0, start=0)
-        llm.decode(emb[:1], [2], runner.cache)
 
 
 def _error_response(err: APIError) -> JSONResponse:

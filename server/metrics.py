@@ -26,6 +26,8 @@ class Metrics:
         self.running = Gauge("slime_num_requests_running", "Requests holding a KV-cache slot", registry=r)
         self.waiting = Gauge("slime_num_requests_waiting", "Requests waiting for a slot", registry=r)
         self.kv_usage = Gauge("slime_kv_cache_usage_ratio", "Share of KV-cache positions in use", registry=r)
+        self.decode_graphs = Gauge("slime_decode_cuda_graphs", "Decode-step CUDA graphs captured (0: eager decode)",
+                                   registry=r)
         self.batch_size = Histogram("slime_batch_size", "Sequences per decode forward",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.preprocess = Histogram("slime_image_preprocess_seconds", "Image decoding and slicing per request",

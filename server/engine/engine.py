@@ -394,3 +394,4 @@ class Engine:
         m.waiting.set(len(sched.waiting) + self.in_vision)
         used = sum(s.length for s in sched.decoding) + (sched.prefilling.prefilled if sched.prefilling else 0)
         m.kv_usage.set(used / (sched.num_slots * self.runner.max_model_len))
+        m.decode_graphs.set(self.runner.graphs.num_graphs if self.runner.graphs else 0)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import torch
 
+from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCache
 from model.loading import LoadedModel
 from model.modeling import ImageFeatures, ImageReport
@@ -22,14 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def fit_slots(num_slots: int, max_model_len: int, cfg, dtype: torch.dtype, device: torch.device,
-              *, headroom: float = 0.8) -> int:
-    """Slots that fit in the device's free memory (on CUDA), keeping room for activations."""
+              *, headroom: float = 0.8, reserve: int = 0) -> int:
+    """Slots that fit in the device's free memory (on CUDA), keeping room for activations and for
+    `reserve` slots beside them."""
     if device.type != "cuda":
         return num_slots
     per_slot = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                        head_dim=cfg.dim_head, dtype=dtype) * max_model_len
     free, _ = torch.cuda.mem_get_info(device)
-    fit = int(free * headroom // per_slot)
+    fit = int(free * headroom // per_slot) - reserve
     if fit < 1:
         raise RuntimeError(f"not enough GPU memory for one sequence of {max_model_len} positions "
                            f"({per_slot / 2**30:.1f} GiB); lower --max-model-len or quantize")
@@ -107,19 +109,39 @@ class VisionCache:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, *, num_slots: int, max_model_len: int, vision_cache_bytes: int = 0):
+    def __init__(self, lm: LoadedModel, *, num_slots: int, max_model_len: int, vision_cache_bytes: int = 0,
+                 cuda_graphs: bool = True):
         self.lm = lm
         self.model = lm.model
         self.llm = lm.model.llm
         self.device = lm.device
         cfg = lm.cfg
         self.max_model_len = max_model_len
-        num_slots = fit_slots(num_slots, max_model_len, cfg, lm.dtype, lm.device)
+        # CUDA graphs for decode (not for bitsandbytes layers, whose kernels are not known to be capturable)
+        graphs = cuda_graphs and lm.device.type == "cuda" and lm.quantization == "none"
+        scratch = 1 if graphs else 0  # DecodeGraphs' padding rows write to one extra slot
+        num_slots = fit_slots(num_slots, max_model_len, cfg, lm.dtype, lm.device, reserve=scratch)
         self.num_slots = num_slots
-        self.cache = self.llm.new_cache(num_slots=num_slots, max_len=max_model_len, dtype=lm.dtype, device=lm.device)
+        self.cache = self.llm.new_cache(num_slots=num_slots + scratch, max_len=max_model_len, dtype=lm.dtype,
+                                        device=lm.device)
+        self.graphs = DecodeGraphs(self.llm, self.cache) if graphs else None
         self.eos = set(lm.eos_token_ids)
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.vocab = cfg.vocab_size
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """A tiny prefill and decode so the first request does not pay for lazy initialisation and,
+        with CUDA graphs, a first capture: where capturing fails, decoding falls back to eager."""
+        emb = self.llm.embed(torch.tensor([0, 0], device=self.device))
+        self.llm.prefill(emb, self.cache, slot=0, start=0)
+        self.llm.decode(emb[:1], [2], self.cache)
+        if self.graphs is not None:
+            try:
+                self.graphs([0], [2])
+            except RuntimeError:
+                log.exception("CUDA graph capture failed: decoding without graphs")
+                self.graphs = None
 
     # -- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -178,10 +200,14 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """One batched forward: sequence i (in slot i) feeds its last token."""
-        last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        last = [s.output_ids[-1] for s in seqs]
         positions = [s.prompt_len + len(s.output_ids) - 1 for s in seqs]
-        hidden = self.llm.decode(self.llm.embed(last), positions, self.cache)  # [B, D]
-        return sample(self.llm.logits(hidden), [s.state.sampler for s in seqs])
+        if self.graphs is not None:
+            logits = self.graphs(last, positions)  # [B, V]
+        else:
+            hidden = self.llm.decode(self.llm.embed(torch.tensor(last, device=self.device)), positions, self.cache)
+            logits = self.llm.logits(hidden)
+        return sample(logits, [s.state.sampler for s in seqs])
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move_slot(src, dst, length)

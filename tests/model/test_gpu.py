@@ -21,3 +21,34 @@ def test_tiny_checkpoint_generates_on_cuda(tiny_dir, tiny_lm, ironing, dtype):
     assert gpu.images[0].grid == cpu.images[0].grid and len(gpu.token_ids) == 6
     if dtype == "float32":  # same selection and prompt in full precision
         assert gpu.images[0].local_kept == cpu.images[0].local_kept and gpu.prompt_tokens == cpu.prompt_tokens
+
+
+def test_decode_graphs_replay_the_eager_step(tiny_dir):
+    """Captured graphs decode what eager decode does (float32), per batch bucket and key span, and
+    their padding rows write only to the scratch slot."""
+    from model.decode_graphs import DecodeGraphs
+
+    lm = load_model(tiny_dir, LoadOptions(device="cuda", dtype="float32"))
+    llm, hidden = lm.model.llm, lm.cfg.hidden_size
+    torch.manual_seed(0)
+    lengths = [30, 100, 170]
+    embeds = torch.randn(3, 170, hidden, device="cuda")
+    caches = [llm.new_cache(num_slots=9, max_len=400) for _ in range(2)]
+    for cache in caches:
+        for slot, n in enumerate(lengths):
+            llm.prefill(embeds[slot, :n], cache, slot=slot, start=0)
+    eager_cache, graph_cache = caches
+    bystander = graph_cache.k[:, 3:8].clone()
+    graphs = DecodeGraphs(llm, graph_cache, span_block=64)
+    assert graphs.use_graphs
+    ids, positions = [5, 6, 7], list(lengths)
+    for _ in range(70):  # crosses a span bucket: a second graph is captured on the way
+        eager = llm.logits(llm.decode(llm.embed(torch.tensor(ids, device="cuda")), positions, eager_cache))
+        replayed = graphs(ids, positions)
+        assert torch.allclose(replayed, eager, atol=1e-4), (replayed - eager).abs().max()
+        ids, positions = eager.argmax(-1).tolist(), [p + 1 for p in positions]
+    solo = graphs([ids[0]], [positions[0]])  # batch 1: another bucket
+    eager_solo = llm.logits(llm.decode(llm.embed(torch.tensor(ids[:1], device="cuda")), positions[:1], eager_cache))
+    assert torch.allclose(solo, eager_solo, atol=1e-4)
+    assert graphs.num_graphs >= 3
+    assert torch.equal(graph_cache.k[:, 3:8], bystander)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check in one run (a GPU machine, repository root): the GPU tests (tiny checkpoint on
+# CUDA, decode graphs, the real server streaming through them), then `python -m bench.gpu`.
+#   bash bench/gpu_checks.sh [OUT_DIR]        (default: $OUT, else artifacts/gpu)
+# Where the server's packages are missing (an offline GPU box), wheels in .whl/ are installed
+# into /tmp/site first.
+set -u
+out=${1:-${OUT:-artifacts/gpu}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c "import fastapi, pydantic_settings, uvicorn, openai" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_gpu.py tests/server/test_gpu.py 2>&1 \
+  | tee "$out/tests.log"
+tests=${PIPESTATUS[0]}
+timeout 300 python3 -m bench.gpu --profile --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"
+bench=${PIPESTATUS[0]}
+echo "gpu checks: tests rc=$tests, bench rc=$bench"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]

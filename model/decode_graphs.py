@@ -1,0 +1,106 @@
+"""The decode step as CUDA graphs: one graph per (batch bucket, key-span bucket), captured on first
+use and replayed with new token ids and positions.
+
+A 7B decode step launches ~1,300 small kernels; from Python each launch costs more than the
+kernel itself at small batches, so eager decode reaches a fraction of the memory-bandwidth
+roofline. A replayed graph launches them all at once.
+
+Shapes are fixed per graph: the batch is padded up to a bucket (1, 2, 4, 8, then multiples of 8)
+and the keys each row reads up to a multiple of `span_block` (the rest masked). Padding rows feed
+token 0 at position 0 and write their K/V to a scratch slot (the cache's last one), so they never
+touch a live sequence's cache. Without CUDA (or with `use_graphs=False`) the same static step runs
+eagerly, which is what the CPU tests check against `LlamaForCausalLM.decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+from .llm import LlamaForCausalLM
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes graphs are captured for: 1, 2, 4, 8, 16, 24, 32, ... up to and with max_batch."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch] + list(range(8, max_batch, 8))
+    return sorted(set(sizes) | {max_batch})
+
+
+class DecodeGraphs:
+    """Batched decode over slots 0..B-1 of `cache`; its last slot is reserved as scratch."""
+
+    def __init__(self, llm: LlamaForCausalLM, cache: KVCache, *, span_block: int = 256, use_graphs: bool | None = None):
+        if cache.num_slots < 2:
+            raise ValueError("DecodeGraphs needs a cache with at least one slot plus the scratch slot")
+        self.llm = llm
+        self.cache = cache
+        self.device = cache.k.device
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.scratch = cache.num_slots - 1
+        self.max_batch = cache.num_slots - 1
+        self.buckets = batch_buckets(self.max_batch)
+        self.span_block = span_block
+        n = self.buckets[-1]
+        # Static inputs every graph reads (a graph replays on fixed addresses): rows of token ids,
+        # positions and slots, sent in one copy per step.
+        self._inputs = torch.zeros(3, n, dtype=torch.long, device=self.device)
+        self.ids, self.positions, self.slots = self._inputs
+        # One output buffer for all graphs (each graph copies its logits there), so that the graphs'
+        # own allocations can all come from, and be reused within, one shared memory pool.
+        self.logits = torch.zeros(n, llm.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        llm.rope_tables(cache.max_len, self.device)  # built now, never inside a capture
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def span(self, positions: list[int]) -> int:
+        return min(-(-(max(positions) + 1) // self.span_block) * self.span_block, self.cache.max_len)
+
+    @torch.inference_mode()
+    def __call__(self, ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Sequence i (in slot i) feeds token ids[i] at positions[i] -> float32 logits `[B, V]`.
+
+        The result is a view of the graph's output buffer: read it before the next call."""
+        b = len(ids)
+        if not 0 < b <= self.max_batch or len(positions) != b:
+            raise ValueError(f"decode batch of {b} (max {self.max_batch})")
+        nb, span = self.bucket(b), self.span(positions)
+        pad = nb - b
+        rows = [ids + [0] * pad, positions + [0] * pad, list(range(b)) + [self.scratch] * pad]
+        self._inputs[:, :nb].copy_(torch.tensor(rows))  # pageable: the host list is free once this returns
+        if not self.use_graphs:
+            self._step(nb, span)
+        else:
+            graph = self._graphs.get((nb, span))
+            if graph is None:
+                graph = self._capture(nb, span)
+            graph.replay()
+        return self.logits[:b]
+
+    def _step(self, nb: int, span: int) -> None:
+        self.logits[:nb].copy_(self.llm.decode_static(self.ids[:nb], self.positions[:nb], self.slots[:nb],
+                                                      self.cache, span))
+
+    def _capture(self, nb: int, span: int) -> torch.cuda.CUDAGraph:
+        # Warm-up and capture write K/V: point every row at the scratch slot meanwhile.
+        live = self.slots[:nb].clone()
+        self.slots[:nb] = self.scratch
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lets lazy initialisation (cuBLAS workspaces, ...) happen outside the graph
+                self._step(nb, span)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the vision thread may use the GPU while the engine thread captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(nb, span)
+        self.slots[:nb] = live
+        self._graphs[(nb, span)] = graph
+        return graph

@@ -1,0 +1,57 @@
+"""The static (graph-capturable) decode step against the eager one, on the CPU: padding rows,
+the scratch slot and key-span buckets. Capture and replay themselves run in tests/model/test_gpu.py."""
+
+import pytest
+import torch
+
+from model.decode_graphs import DecodeGraphs, batch_buckets
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert batch_buckets(64)[-3:] == [48, 56, 64]
+
+
+def _prefilled(llm, hidden, lengths, num_slots, max_len):
+    torch.manual_seed(0)
+    embeds = torch.randn(len(lengths), max(lengths), hidden)
+    cache = llm.new_cache(num_slots=num_slots, max_len=max_len, dtype=torch.float32, device="cpu")
+    for slot, n in enumerate(lengths):
+        llm.prefill(embeds[slot, :n], cache, slot=slot, start=0)
+    return cache
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_static_decode_matches_eager_and_spares_other_slots(tiny_lm, batch):
+    llm, cfg = tiny_lm.model.llm, tiny_lm.cfg
+    lengths = [40 + 67 * i for i in range(batch)]  # spans 1, 2 and 3 blocks of 128 keys
+    slots = 8 + 1  # 8 usable (batch 3 pads to 4, batch 5 to 8) and the scratch slot
+    cache_a = _prefilled(llm, cfg.hidden_size, lengths, slots, 320)
+    cache_b = _prefilled(llm, cfg.hidden_size, lengths, slots, 320)
+    bystander = cache_a.k[:, batch:8].clone()  # slots past the batch: padding rows must not write there
+    graphs = DecodeGraphs(llm, cache_b, span_block=128)
+    assert not graphs.use_graphs and graphs.max_batch == 8 and graphs.scratch == 8
+    ids, positions = list(range(5, 5 + batch)), list(lengths)
+    for _ in range(3):  # greedy steps: both paths pick the same tokens from the same logits
+        eager = llm.logits(llm.decode(llm.embed(torch.tensor(ids)), positions, cache_a))
+        static = graphs(ids, positions)
+        assert static.shape == (batch, cfg.vocab_size)
+        assert torch.allclose(static, eager, atol=1e-4), (static - eager).abs().max()
+        ids = eager.argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+    assert torch.equal(cache_b.k[:, batch:8], bystander)
+    real = (slice(None), slice(0, batch))
+    assert torch.allclose(cache_b.k[real], cache_a.k[real], atol=1e-5)
+    assert torch.allclose(cache_b.v[real], cache_a.v[real], atol=1e-5)
+
+
+def test_span_is_bucketed_and_bounded(tiny_lm):
+    llm = tiny_lm.model.llm
+    cache = llm.new_cache(num_slots=3, max_len=300, dtype=torch.float32, device="cpu")
+    graphs = DecodeGraphs(llm, cache, span_block=128)
+    assert graphs.span([0]) == 128 and graphs.span([127]) == 128 and graphs.span([128, 3]) == 256
+    assert graphs.span([299]) == 300  # never past the cache
+    with pytest.raises(ValueError):
+        graphs([1, 2, 3], [4, 5, 6])  # 2 usable slots
