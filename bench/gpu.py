@@ -13,6 +13,7 @@ by the bandwidth of a large device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=1024, help="positions already in each sequence's cache")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true", help="also profile the kernels of an eager batch-1 step")
+    ap.add_argument("--compile", action="store_true",
+                    help="experiment, run last: graphs of a torch.compile'd decode step at batches 1 and 8")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
@@ -197,7 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     if kernel_ms is not None:
         print(kernel_table)
         print(f"batch 1: {kernel_ms:.2f} ms of kernel time per step (the floor for a replayed graph)")
-    print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB")
+    print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB", flush=True)
+    if args.compile:  # last: a slow or failed compile leaves the table above intact
+        llm.decode_static = torch.compile(functools.partial(type(llm).decode_static.__wrapped__, llm), dynamic=False)
+        for b in (1, 8):
+            t0 = time.perf_counter()
+            r = decode_rate(llm, b, graphs=True, context=args.context, steps=args.steps, dtype=dtype)
+            print(f"compiled + graphs, batch {b}: {r['step_ms']:.2f} ms/step (graphs alone "
+                  f"{by[('graphs', b)]['step_ms'] if ('graphs', b) in by else float('nan'):.2f}), "
+                  f"{time.perf_counter() - t0:.0f} s with compiling", flush=True)
     return 0
 
 
