@@ -25,12 +25,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.is_cuda:  # one fused kernel instead of eight (the weight applied before rounding, as
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # vLLM's kernel does)
+        dtype = x.dtype  # the CPU: the reference's own ops, bit for bit what transformers computes
         h = x.float()
-        if h.is_cuda:  # one fused kernel instead of five (decode launches two per layer)
-            h = F.rms_norm(h, (h.shape[-1],), eps=self.eps)
-        else:  # the reference's own ops: bit-for-bit what transformers computes on the CPU
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
 
@@ -150,6 +149,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Rotary:
+    """RoPE for one forward: cos, sin `[B, 1, T, hd]` gathered once, applied in every layer."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, fused: bool | None = None):
+        self.cos = cos
+        self.fused = cos.is_cuda if fused is None else fused
+        if self.fused:  # rotate_half(x) * sin == roll(x) * sin with its first half negated
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        self.sin = sin
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:  # 3 kernels instead of 5 (decode runs this in every layer)
+            return torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, -1), self.sin)
+        return (x * self.cos) + (rotate_half(x) * self.sin)  # the CPU: the reference's ops
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: SliMEConfig, layer_idx: int):
         super().__init__()
@@ -168,8 +184,7 @@ class Attention(nn.Module):
         """q, k and v projections as one GEMM (and one RoPE)."""
         self.fused = fuse_linears(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                step: "Step") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, step: "Step") -> torch.Tensor:
         b, t, _ = x.shape  # [B, T, D]
         pr = step.per_row
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -177,14 +192,13 @@ class Attention(nn.Module):
             qkv = (gemm_rows if pr else F.linear)(x, self.qkv_weight, self.qkv_bias)
             qkv = qkv.view(b, t, h + 2 * hkv, hd).transpose(1, 2)
             qk = qkv[:, :h + hkv]  # RoPE on q and k heads at once: the same elementwise ops
-            qk = (qk * cos) + (rotate_half(qk) * sin)
+            qk = rope(qk)
             q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]  # [B, H|Hkv, T, hd]
         else:
             q = linear(self.q_proj, x, pr).view(b, t, h, hd).transpose(1, 2)  # [B, H, T, hd]
             k = linear(self.k_proj, x, pr).view(b, t, hkv, hd).transpose(1, 2)
             v = linear(self.v_proj, x, pr).view(b, t, hkv, hd).transpose(1, 2)
-            q = (q * cos) + (rotate_half(q) * sin)
-            k = (k * cos) + (rotate_half(k) * sin)
+            q, k = rope(q), rope(k)
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, Hkv, Tmax, hd]
         gqa = self.num_kv_heads != self.num_heads
         if step.positions is not None:  # decode: sequence i sits in slot i
@@ -214,6 +228,10 @@ class Attention(nn.Module):
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: SliMEConfig):
         super().__init__()
@@ -232,7 +250,7 @@ class MLP(nn.Module):
             gate, up = (gemm_rows if per_row else F.linear)(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         else:
             gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
-        return linear(self.down_proj, F.silu(gate) * up, per_row)
+        return linear(self.down_proj, silu_mul(gate, up), per_row)
 
 
 class DecoderLayer(nn.Module):
@@ -243,8 +261,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, step):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step)
+    def forward(self, x, rope, cache, step):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, step)
         return x + self.mlp(self.post_attention_layernorm(x), step.per_row)
 
 
@@ -317,9 +335,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(ids)
 
     def _run(self, x, positions, cache, step, length: int) -> torch.Tensor:
-        cos, sin = self._cos_sin(positions, x.dtype, length)
+        rope = Rotary(*self._cos_sin(positions, x.dtype, length))
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, step)
+            x = layer(x, rope, cache, step)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
