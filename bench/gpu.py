@@ -4,9 +4,9 @@ measured against the memory-bandwidth roofline. One run, a short table at the en
     python -m bench.gpu [--dtype bfloat16] [--batches 1,8,32,64] [--steps 64]
 
 CLIP ViT-L/14-336 shapes, a Vicuna-7B-shaped Llama, the real projector and sampler shapes.
-Measures decode tokens/s per batch size, eager and as CUDA graphs (what the server runs), TTFT of
-a 1344 x 1008 image request, peak memory, and batch-1 decode time against the roofline: the
-weight bytes one step reads (all LLM weights but the embedding table, which is gathered) divided
+Measures decode tokens/s per batch size (eager, CUDA graphs, and CUDA graphs with compiled
+pointwise kernels: what the server runs), TTFT of a 1344 x 1008 image request, peak memory, and
+batch-1 decode time against the roofline: the weight bytes one step reads (all LLM weights but the embedding table, which is gathered) divided
 by the bandwidth of a large device-to-device copy measured in the same run.
 """
 
@@ -52,6 +52,11 @@ def build(device: torch.device, dtype: torch.dtype):
     return model.eval(), cfg
 
 
+# eager: kernel by kernel from Python; graphs: the server's CUDA graphs with eager pointwise ops;
+# compiled: graphs with the pointwise ops compiled (the server's default on CUDA)
+MODES = ("eager", "graphs", "compiled")
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read and written."""
     a = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
@@ -68,7 +73,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 
 @torch.inference_mode()
-def decode_rate(llm, batch: int, *, graphs: bool, context: int, steps: int, dtype: torch.dtype) -> dict:
+def decode_rate(llm, batch: int, *, graphs: bool, context: int, steps: int, dtype: torch.dtype,
+                mode: str | None = None) -> dict:
     """Greedy decode steps at `batch` sequences of `context` cached positions, each step ending in
     a host read of the tokens as the engine's does."""
     from model.decode_graphs import DecodeGraphs
@@ -89,7 +95,7 @@ def decode_rate(llm, batch: int, *, graphs: bool, context: int, steps: int, dtyp
     for i in range(steps):
         ids = step(ids, [context + 3 + i] * batch).argmax(-1).tolist()
     dt = (time.perf_counter() - t0) / steps
-    return {"mode": "graphs" if graphs else "eager", "batch": batch, "step_ms": dt * 1e3, "tok_s": batch / dt}
+    return {"mode": mode or ("graphs" if graphs else "eager"), "batch": batch, "step_ms": dt * 1e3, "tok_s": batch / dt}
 
 
 @torch.inference_mode()
@@ -119,8 +125,8 @@ def image_ttft(model, llm, dtype: torch.dtype, runs: int = 4) -> float:
 
 @torch.inference_mode()
 def kernel_profile(llm, context: int, dtype: torch.dtype, steps: int = 5) -> tuple[float, str]:
-    """Eager batch-1 decode under torch.profiler: the GPU's kernel time per step (what a replayed
-    graph cannot go below) and a table of the kernels that take it."""
+    """Batch-1 decode without graphs under torch.profiler: the GPU's kernel time per step (what a
+    replayed graph cannot go below) and a table of the kernels that take it."""
     from torch.profiler import ProfilerActivity, profile
 
     device = llm.lm_head.weight.device
@@ -146,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--context", type=int, default=1024, help="positions already in each sequence's cache")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--profile", action="store_true", help="also profile the kernels of an eager batch-1 step")
-    ap.add_argument("--compile", action="store_true",
-                    help="experiment, run last: graphs with RoPE and SiLU*up compiled (torch.compile)")
+    ap.add_argument("--profile", action="store_true", help="also profile the kernels of a batch-1 step")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
@@ -163,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(device)
     batches = [int(x) for x in args.batches.split(",")]
     rows = []
-    for graphs in (False, True):
+    for mode in MODES:
+        llm.compile_pointwise(mode == "compiled")
         for b in batches:
-            rows.append(decode_rate(llm, b, graphs=graphs, context=args.context, steps=args.steps, dtype=dtype))
+            rows.append(decode_rate(llm, b, graphs=mode != "eager", context=args.context, steps=args.steps,
+                                    dtype=dtype, mode=mode))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()  # that run's cache and graphs are gone
-    ttft = image_ttft(model, llm, dtype)
+    # profiled with the last mode's (compiled) kernels, before they are dropped
     kernel_ms, kernel_table = kernel_profile(llm, args.context, dtype) if args.profile else (None, "")
+    llm.compile_pointwise(False)
+    ttft = image_ttft(model, llm, dtype)
     name = torch.cuda.get_device_name()
     peak = torch.cuda.max_memory_allocated() / 1e9
     roofline_ms = weight_bytes / bw * 1e3
@@ -182,15 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f, indent=1)
     by = {(r["mode"], r["batch"]): r for r in rows}
     print(f"\n{name}, {args.dtype}, {args.context} cached positions per sequence, {args.steps} steps")
-    print("| batch | eager ms/step | eager tokens/s | graphs ms/step | graphs tokens/s | graphs/eager |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | " + " | ".join(f"{m} ms/step | {m} tokens/s" for m in MODES) + " |")
+    print("|---|" + "---|---|" * len(MODES))
     for b in batches:
-        e, g = by[("eager", b)], by[("graphs", b)]
-        print(f"| {b} | {e['step_ms']:.2f} | {e['tok_s']:.0f} | {g['step_ms']:.2f} | {g['tok_s']:.0f} | "
-              f"x{g['tok_s'] / e['tok_s']:.2f} |")
+        print(f"| {b} | " + " | ".join(f"{by[(m, b)]['step_ms']:.2f} | {by[(m, b)]['tok_s']:.0f}" for m in MODES) + " |")
     print(f"roofline: {weight_bytes / 1e9:.2f} GB of weights at {bw / 1e9:.0f} GB/s = {roofline_ms:.2f} ms "
           f"(+{kv_ms:.2f} ms for batch 1's KV cache)")
-    for mode in ("eager", "graphs"):
+    for mode in MODES:
         b1 = by[(mode, batches[0])]["step_ms"]
         line = f"{mode}: batch {batches[0]} at {roofline_ms / b1 * 100:.0f}% of the weight roofline"
         if 32 in batches:
@@ -199,20 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if kernel_ms is not None:
         print(kernel_table)
         print(f"batch 1: {kernel_ms:.2f} ms of kernel time per step (the floor for a replayed graph)")
-    print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB", flush=True)
-    if args.compile:  # last: a slow or failed compile leaves the table above intact
-        # RoPE and SiLU*up as one generated kernel each (the rest stays as it is)
-        import model.llm as llm_module
-
-        rope_call = llm_module.Rotary.__call__
-        llm_module.Rotary.__call__ = torch.compile(rope_call, dynamic=True)
-        llm_module.silu_mul = torch.compile(llm_module.silu_mul, dynamic=True)
-        for b in (1, 8, 32):
-            t0 = time.perf_counter()
-            r = decode_rate(llm, b, graphs=True, context=args.context, steps=args.steps, dtype=dtype)
-            print(f"compiled + graphs, batch {b}: {r['step_ms']:.2f} ms/step (graphs alone "
-                  f"{by[('graphs', b)]['step_ms'] if ('graphs', b) in by else float('nan'):.2f}), "
-                  f"{time.perf_counter() - t0:.0f} s with compiling", flush=True)
+    print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 
 from .config import SliMEConfig
 from .kv_cache import KVCache
+from .pointwise import PointwiseKernels, Rotary, rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -25,12 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # one fused kernel instead of eight (the weight applied before rounding, as
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # vLLM's kernel does)
-        dtype = x.dtype  # the CPU: the reference's own ops, bit for bit what transformers computes
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: SliMEConfig) -> tuple[torch.Tensor, float]:
@@ -144,28 +141,6 @@ def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tenso
     return out.view(b, h, 1, hd)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class Rotary:
-    """RoPE for one forward: cos, sin `[B, 1, T, hd]` gathered once, applied in every layer."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, fused: bool | None = None):
-        self.cos = cos
-        self.fused = cos.is_cuda if fused is None else fused
-        if self.fused:  # rotate_half(x) * sin == roll(x) * sin with its first half negated
-            half = sin.shape[-1] // 2
-            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        self.sin = sin
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:  # 3 kernels instead of 5 (decode runs this in every layer)
-            return torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, -1), self.sin)
-        return (x * self.cos) + (rotate_half(x) * self.sin)  # the CPU: the reference's ops
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: SliMEConfig, layer_idx: int):
         super().__init__()
@@ -228,10 +203,6 @@ class Attention(nn.Module):
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: SliMEConfig):
         super().__init__()
@@ -245,12 +216,12 @@ class MLP(nn.Module):
         """gate and up projections as one GEMM."""
         self.fused = fuse_linears(self, "gate_up", [self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, per_row: bool = False, act: Callable = silu_mul) -> torch.Tensor:
         if self.fused:
             gate, up = (gemm_rows if per_row else F.linear)(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         else:
             gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
-        return linear(self.down_proj, silu_mul(gate, up), per_row)
+        return linear(self.down_proj, act(gate, up), per_row)
 
 
 class DecoderLayer(nn.Module):
@@ -261,9 +232,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, cache, step):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, step)
-        return x + self.mlp(self.post_attention_layernorm(x), step.per_row)
+    # No forward: `LlamaForCausalLM._run` runs the sublayers, carrying the residual stream so that
+    # each residual add fuses with the RMSNorm after it.
 
 
 class LlamaModel(nn.Module):
@@ -284,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
         # Batched decode computes each row exactly as a solo decode would (see `linear`). Costs
         # little on the CPU, where float32 results are expected to be batch-invariant; off on GPUs.
         self.batch_invariant = False
+        self.kernels = PointwiseKernels()  # eager; see compile_pointwise
         # flash-attn 2's kernel for whole-prompt prefill (CUDA, half precision) when installed;
         # otherwise SDPA, which on CUDA picks its own fused kernels.
         self.flash_attn = None
@@ -334,11 +305,25 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
+    def compile_pointwise(self, enable: bool = True) -> None:
+        """Norms with their residual adds, RoPE and SiLU as generated kernels (CUDA; see
+        `model.pointwise`); compiled at their first call."""
+        self.kernels = PointwiseKernels.make_compiled() if enable else PointwiseKernels()
+
     def _run(self, x, positions, cache, step, length: int) -> torch.Tensor:
-        rope = Rotary(*self._cos_sin(positions, x.dtype, length))
+        ops = self.kernels
+        if ops.compiled and x.storage_offset():  # a later prompt chunk: compiled kernels specialise
+            x = x.clone()  # on offset 0 vs not (and would compile again in the middle of serving)
+        rope = Rotary(*self._cos_sin(positions, x.dtype, length), kernel=ops.rope)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, rope, cache, step)
-        return self.model.norm(x)
+            norm = layer.input_layernorm
+            x, h = ops.add_rms_norm(x, delta, norm.weight, norm.eps)
+            delta = layer.self_attn(h, rope, cache, step)
+            norm = layer.post_attention_layernorm
+            x, h = ops.add_rms_norm(x, delta, norm.weight, norm.eps)
+            delta = layer.mlp(h, step.per_row, ops.silu_mul)
+        return ops.add_rms_norm(x, delta, self.model.norm.weight, self.model.norm.eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[B, D]` (or `[D]`) -> float32 logits `[B, V]`."""

@@ -64,7 +64,8 @@ def build_service(settings: Settings, metrics: Metrics):
                                       quantization=settings.quantization, allow_download=settings.allow_download,
                                       attention=settings.attention))
     runner = ModelRunner(lm, num_slots=settings.max_batch_size, max_model_len=settings.max_model_len,
-                         vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024, cuda_graphs=settings.cuda_graphs)
+                         vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024, cuda_graphs=settings.cuda_graphs,
+                         compile_pointwise=settings.compile)
     engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics)
     runner.warm_up()

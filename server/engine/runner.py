@@ -110,7 +110,7 @@ class VisionCache:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, num_slots: int, max_model_len: int, vision_cache_bytes: int = 0,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile_pointwise: bool = True):
         self.lm = lm
         self.model = lm.model
         self.llm = lm.model.llm
@@ -125,20 +125,37 @@ class ModelRunner:
         self.cache = self.llm.new_cache(num_slots=num_slots + scratch, max_len=max_model_len, dtype=lm.dtype,
                                         device=lm.device)
         self.graphs = DecodeGraphs(self.llm, self.cache) if graphs else None
+        if compile_pointwise and lm.device.type == "cuda":
+            self.llm.compile_pointwise()  # compiled in warm_up
         self.eos = set(lm.eos_token_ids)
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.vocab = cfg.vocab_size
 
-    @torch.inference_mode()
     def warm_up(self) -> None:
-        """A tiny prefill and decode so the first request does not pay for lazy initialisation and,
-        with CUDA graphs, a first capture: where capturing fails, decoding falls back to eager."""
-        emb = self.llm.embed(torch.tensor([0, 0], device=self.device))
-        self.llm.prefill(emb, self.cache, slot=0, start=0)
-        self.llm.decode(emb[:1], [2], self.cache)
+        """Prefill and decode once before serving: lazy initialisation, compiling the pointwise
+        kernels and capturing the first decode graphs happen here, not in a request. Where
+        compiling fails the kernels run eagerly; where capturing fails decoding runs without graphs."""
+        try:
+            self._warm_up()
+        except Exception:
+            if not self.llm.kernels.compiled:
+                raise
+            log.exception("compiling the pointwise kernels failed: running them eagerly")
+            self.llm.compile_pointwise(False)
+            self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        emb = self.llm.embed(torch.tensor([0, 0, 0], device=self.device))
+        self.llm.prefill(emb[:2], self.cache, slot=0, start=0)
+        self.llm.prefill(emb[2:], self.cache, slot=0, start=2)  # a one-position chunk: its own shape
+        for batch in sorted({1, min(2, self.num_slots)}):  # batch 1 and dynamic batches compile apart
+            ids = torch.zeros(batch, dtype=torch.long, device=self.device)  # contiguous, as in serving
+            self.llm.decode(self.llm.embed(ids), [3] * batch, self.cache)
         if self.graphs is not None:
             try:
-                self.graphs([0], [2])
+                for batch in sorted({1, min(2, self.num_slots)}):
+                    self.graphs([0] * batch, [3] * batch)
             except RuntimeError:
                 log.exception("CUDA graph capture failed: decoding without graphs")
                 self.graphs = None

@@ -23,13 +23,15 @@ def test_tiny_checkpoint_generates_on_cuda(tiny_dir, tiny_lm, ironing, dtype):
         assert gpu.images[0].local_kept == cpu.images[0].local_kept and gpu.prompt_tokens == cpu.prompt_tokens
 
 
-def test_decode_graphs_replay_the_eager_step(tiny_dir):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-kernels", "compiled-kernels"])
+def test_decode_graphs_replay_the_eager_step(tiny_dir, compiled):
     """Captured graphs decode what eager decode does (float32), per batch bucket and key span, and
-    their padding rows write only to the scratch slot."""
+    their padding rows write only to the scratch slot; also with compiled pointwise kernels."""
     from model.decode_graphs import DecodeGraphs
 
     lm = load_model(tiny_dir, LoadOptions(device="cuda", dtype="float32"))
     llm, hidden = lm.model.llm, lm.cfg.hidden_size
+    llm.compile_pointwise(compiled)
     torch.manual_seed(0)
     lengths = [30, 100, 170]
     embeds = torch.randn(3, 170, hidden, device="cuda")

@@ -1,6 +1,9 @@
 """The engine on its own thread, driven through submit() and its event streams."""
 
 import asyncio
+import shutil
+
+import pytest
 
 from model.sampling import SamplingParams
 from server.engine.engine import Engine
@@ -50,3 +53,39 @@ def test_long_prompt_is_chunked_and_others_wait_their_turn(tiny_lm):
         engine.stop()
     assert both == alone
     assert steps >= 4  # the long prompt took one chunk per step
+
+
+def test_warm_up_falls_back_to_eager_kernels_when_compiling_fails(tiny_lm, monkeypatch):
+    from model.pointwise import PointwiseKernels
+
+    def broken(*args):
+        raise RuntimeError("compiler not found")  # what a torch.compile failure looks like at the first call
+
+    runner = ModelRunner(tiny_lm, num_slots=2, max_model_len=64)
+    monkeypatch.setattr(runner.llm, "kernels", PointwiseKernels(add_rms_norm=broken, compiled=True))
+    runner.warm_up()
+    assert not runner.llm.kernels.compiled and runner.llm.kernels.add_rms_norm is not broken
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_warm_up_compiles_every_shape_serving_uses(tiny_lm):
+    """With compiled kernels (CUDA's default; here on the CPU) no request may pay for a compile:
+    warm-up covers prefill chunks, batch-1 and batched decode (an expanded, stride-0 warm-up
+    batch once left a compile for the first batched step)."""
+    from torch._dynamo.utils import counters
+
+    runner = ModelRunner(tiny_lm, num_slots=4, max_model_len=128)
+    runner.llm.compile_pointwise()
+    try:
+        runner.warm_up()
+        compiled = counters["stats"]["unique_graphs"]
+        engine = Engine(runner, max_batch_size=4, prefill_chunk=16)
+        engine.start()
+        try:
+            _run(engine, [[1] + [(3 * i + j) % 200 + 5 for j in range(9 + 13 * i)] for i in range(4)], 5)
+            _run(engine, [[1, 7, 9]], 3)
+        finally:
+            engine.stop()
+        assert counters["stats"]["unique_graphs"] == compiled
+    finally:
+        runner.llm.compile_pointwise(False)
