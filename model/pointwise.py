@@ -76,10 +76,14 @@ class PointwiseKernels:
 
     @classmethod
     def make_compiled(cls) -> "PointwiseKernels":
-        """torch.compile'd forms (shapes dynamic: one compile serves every batch and chunk).
-        Compiling happens at the first call of each, so call them before serving."""
+        """torch.compile'd forms. Shapes are dynamic, but sizes 0/1, storage offsets and inference
+        vs normal tensors each make another variant (~6 per op in serving, all compiled during
+        warm-up): the variant limit is raised past dynamo's default of 8, and past it a call runs
+        eagerly rather than failing (no `fullgraph`). Compiling happens at each variant's first call."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
         def comp(fn):
-            return torch.compile(fn, dynamic=True, fullgraph=True)
+            return torch.compile(fn, dynamic=True)
 
         return cls(add_rms_norm=comp(_reference_rms_norm), rope=comp(rope), silu_mul=comp(silu_mul), compiled=True)
 
