@@ -88,14 +88,19 @@ def decode_rate(llm, batch: int, *, graphs: bool, context: int, steps: int, dtyp
     else:
         def step(ids, positions):
             return llm.logits(llm.decode(llm.embed(torch.tensor(ids, device=device)), positions, cache))
-    for i in range(3):  # warm-up (and capture)
+    sync()
+    t0 = time.perf_counter()
+    ids = step(ids, [context] * batch).argmax(-1).tolist()  # with graphs: the capture (and compiling)
+    first = time.perf_counter() - t0
+    for i in range(1, 3):  # warm-up
         ids = step(ids, [context + i] * batch).argmax(-1).tolist()
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
         ids = step(ids, [context + 3 + i] * batch).argmax(-1).tolist()
     dt = (time.perf_counter() - t0) / steps
-    return {"mode": mode or ("graphs" if graphs else "eager"), "batch": batch, "step_ms": dt * 1e3, "tok_s": batch / dt}
+    return {"mode": mode or ("graphs" if graphs else "eager"), "batch": batch, "step_ms": dt * 1e3, "tok_s": batch / dt,
+            "first_step_ms": first * 1e3}
 
 
 @torch.inference_mode()
@@ -145,6 +150,23 @@ def kernel_profile(llm, context: int, dtype: torch.dtype, steps: int = 5) -> tup
     return total_us / 1e3, f"{kernels:.0f} device ops per step\n{table}"
 
 
+@torch.inference_mode()
+def capture_all(llm, dtype: torch.dtype, slots: int = 16, max_len: int = 4096) -> dict:
+    """What `--cuda-graph-capture startup` costs a server of `slots` x `max_len`: seconds and memory."""
+    from model.decode_graphs import DecodeGraphs
+
+    cache = llm.new_cache(num_slots=slots + 1, max_len=max_len, dtype=dtype, device=llm.lm_head.weight.device)
+    graphs = DecodeGraphs(llm, cache)
+    graphs([0], [3])  # the server's warm-up: the first capture (and any compiling), not timed here
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    t0 = time.perf_counter()
+    n = graphs.capture_all()
+    torch.cuda.synchronize()
+    return {"graphs": n, "buckets": graphs.buckets, "seconds": time.perf_counter() - t0,
+            "gb": (torch.cuda.memory_reserved() - before) / 1e9}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu")
     ap.add_argument("--dtype", default="bfloat16")
@@ -153,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=1024, help="positions already in each sequence's cache")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true", help="also profile the kernels of a batch-1 step")
+    ap.add_argument("--modes", default=",".join(MODES), help="which of eager, graphs, compiled to run")
+    ap.add_argument("--capture-all", action="store_true",
+                    help="also time capturing every decode graph a 16-slot, 4,096-position server needs")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
@@ -167,15 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(device)
     batches = [int(x) for x in args.batches.split(",")]
     rows = []
-    for mode in MODES:
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    for mode in modes:
         llm.compile_pointwise(mode == "compiled")
         for b in batches:
             rows.append(decode_rate(llm, b, graphs=mode != "eager", context=args.context, steps=args.steps,
                                     dtype=dtype, mode=mode))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()  # that run's cache and graphs are gone
-    # profiled with the last mode's (compiled) kernels, before they are dropped
+    # profiled with the last mode's kernels (compiled, by default), before they are dropped
     kernel_ms, kernel_table = kernel_profile(llm, args.context, dtype) if args.profile else (None, "")
+    captured = capture_all(llm, dtype) if args.capture_all else None
     llm.compile_pointwise(False)
     ttft = image_ttft(model, llm, dtype)
     name = torch.cuda.get_device_name()
@@ -184,19 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     kv_ms = kv_bytes * (args.context + args.steps) / bw * 1e3  # batch 1's cache read, for reference
     result = {"device": name, "dtype": args.dtype, "context": args.context, "rows": rows, "ttft_s": ttft,
               "weight_gb": weight_bytes / 1e9, "copy_bw_gbs": bw / 1e9, "roofline_ms": roofline_ms,
-              "peak_mem_gb": peak, "batch1_kernel_ms": kernel_ms}
+              "peak_mem_gb": peak, "batch1_kernel_ms": kernel_ms, "capture_all": captured}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     by = {(r["mode"], r["batch"]): r for r in rows}
     print(f"\n{name}, {args.dtype}, {args.context} cached positions per sequence, {args.steps} steps")
-    print("| batch | " + " | ".join(f"{m} ms/step | {m} tokens/s" for m in MODES) + " |")
-    print("|---|" + "---|---|" * len(MODES))
+    print("| batch | " + " | ".join(f"{m} ms/step | {m} tokens/s" for m in modes) + " |")
+    print("|---|" + "---|---|" * len(modes))
     for b in batches:
-        print(f"| {b} | " + " | ".join(f"{by[(m, b)]['step_ms']:.2f} | {by[(m, b)]['tok_s']:.0f}" for m in MODES) + " |")
+        print(f"| {b} | " + " | ".join(f"{by[(m, b)]['step_ms']:.2f} | {by[(m, b)]['tok_s']:.0f}" for m in modes) + " |")
     print(f"roofline: {weight_bytes / 1e9:.2f} GB of weights at {bw / 1e9:.0f} GB/s = {roofline_ms:.2f} ms "
           f"(+{kv_ms:.2f} ms for batch 1's KV cache)")
-    for mode in MODES:
+    for mode in modes:
         b1 = by[(mode, batches[0])]["step_ms"]
         line = f"{mode}: batch {batches[0]} at {roofline_ms / b1 * 100:.0f}% of the weight roofline"
         if 32 in batches:
@@ -205,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if kernel_ms is not None:
         print(kernel_table)
         print(f"batch 1: {kernel_ms:.2f} ms of kernel time per step (the floor for a replayed graph)")
+    if captured:
+        print(f"capture_all: {captured['graphs']} decode graphs (batch buckets {captured['buckets']}, key spans up "
+              f"to 4,096) in {captured['seconds']:.1f} s, {captured['gb']:.2f} GB of graph memory")
     print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB")
     return 0
 

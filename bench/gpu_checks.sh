@@ -17,7 +17,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_gpu.py tests/server/test_gpu.py 2>&1 \
   | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
-timeout 240 python3 -m bench.gpu --profile --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"
+timeout 240 python3 -m bench.gpu --profile --capture-all --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 echo "gpu checks: tests rc=$tests, bench rc=$bench"
 [ "$tests" = 0 ] && [ "$bench" = 0 ]

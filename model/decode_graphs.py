@@ -1,5 +1,6 @@
-"""The decode step as CUDA graphs: one graph per (batch bucket, key-span bucket), captured on first
-use and replayed with new token ids and positions.
+"""The decode step as CUDA graphs: one graph per (batch bucket, key-span bucket), captured all at
+once before serving (`capture_all`) or each on first use, and replayed with new token ids and
+positions.
 
 A 7B decode step launches ~1,300 small kernels; from Python each launch costs more than the
 kernel itself at small batches, so eager decode reaches a fraction of the memory-bandwidth
@@ -58,6 +59,23 @@ class DecodeGraphs:
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (batch bucket, key span) a call can need."""
+        spans = sorted({self.span([p]) for p in range(self.span_block - 1, self.cache.max_len, self.span_block)}
+                       | {self.span([self.cache.max_len - 1])})
+        return [(b, s) for b in self.buckets for s in spans]
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every graph now (before serving), so that no request waits for a capture later.
+        Returns how many were captured (0 without graphs)."""
+        if not self.use_graphs:
+            return 0
+        todo = [shape for shape in self.shapes() if shape not in self._graphs]
+        for nb, span in todo:
+            self._capture(nb, span)
+        return len(todo)
 
     def span(self, positions: list[int]) -> int:
         return min(-(-(max(positions) + 1) // self.span_block) * self.span_block, self.cache.max_len)

@@ -65,6 +65,7 @@ def build_service(settings: Settings, metrics: Metrics):
                                       attention=settings.attention))
     runner = ModelRunner(lm, num_slots=settings.max_batch_size, max_model_len=settings.max_model_len,
                          vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024, cuda_graphs=settings.cuda_graphs,
+                         capture_all_graphs=settings.cuda_graph_capture == "startup",
                          compile_pointwise=settings.compile)
     engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics)

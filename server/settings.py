@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens accepted")
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per engine step")
     cuda_graphs: bool = Field(True, description="replay the decode step as CUDA graphs (CUDA, unquantized)")
+    cuda_graph_capture: Literal["startup", "lazy"] = Field(
+        "startup", description="startup: every batch and key-span bucket before serving; lazy: each at first use")
     compile: bool = Field(True, description="torch.compile the norms, RoPE and SiLU into fused kernels (CUDA)")
     vision_cache_mb: int = Field(256, ge=0, description="vision-feature cache size (0: off)")
     # request limits

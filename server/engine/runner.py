@@ -110,7 +110,7 @@ class VisionCache:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, num_slots: int, max_model_len: int, vision_cache_bytes: int = 0,
-                 cuda_graphs: bool = True, compile_pointwise: bool = True):
+                 cuda_graphs: bool = True, capture_all_graphs: bool = False, compile_pointwise: bool = True):
         self.lm = lm
         self.model = lm.model
         self.llm = lm.model.llm
@@ -125,6 +125,7 @@ class ModelRunner:
         self.cache = self.llm.new_cache(num_slots=num_slots + scratch, max_len=max_model_len, dtype=lm.dtype,
                                         device=lm.device)
         self.graphs = DecodeGraphs(self.llm, self.cache) if graphs else None
+        self.capture_all_graphs = capture_all_graphs
         if compile_pointwise and lm.device.type == "cuda":
             self.llm.compile_pointwise()  # compiled in warm_up
         self.eos = set(lm.eos_token_ids)
@@ -156,6 +157,10 @@ class ModelRunner:
             try:
                 for batch in sorted({1, min(2, self.num_slots)}):
                     self.graphs([0] * batch, [3] * batch)
+                if self.capture_all_graphs:
+                    t0 = time.perf_counter()
+                    n = self.graphs.capture_all()
+                    log.info("captured %d decode graphs in %.1fs", n, time.perf_counter() - t0)
             except RuntimeError:
                 log.exception("CUDA graph capture failed: decoding without graphs")
                 self.graphs = None

@@ -55,3 +55,15 @@ def test_span_is_bucketed_and_bounded(tiny_lm):
     assert graphs.span([299]) == 300  # never past the cache
     with pytest.raises(ValueError):
         graphs([1, 2, 3], [4, 5, 6])  # 2 usable slots
+
+
+def test_shapes_cover_every_batch_and_position(tiny_lm):
+    llm = tiny_lm.model.llm
+    cache = llm.new_cache(num_slots=12, max_len=300, dtype=torch.float32, device="cpu")
+    graphs = DecodeGraphs(llm, cache, span_block=64)
+    shapes = set(graphs.shapes())
+    assert len(shapes) == len(graphs.buckets) * 5  # spans 64, 128, 192, 256, 300
+    for b in range(1, 12):
+        for p in range(300):
+            assert (graphs.bucket(b), graphs.span([p] * b)) in shapes
+    assert graphs.capture_all() == 0  # nothing to capture without CUDA graphs
