@@ -1,5 +1,13 @@
-"""The real server on a CUDA device (skipped without one): streams decoded through CUDA graphs
-give what eager decoding gives, and the graphs show in /metrics."""
+"""The real server on a CUDA device (skipped without one): concurrent streams decode through CUDA
+graphs captured at start-up (and with `--no-cuda-graphs` without them), every one to its length,
+and the graphs show in /metrics.
+
+Token-for-token agreement of graphs and eager decoding is checked in tests/model/test_gpu.py, step
+by step on the same batch. Across two servers it cannot be: GPU decoding is not batch-invariant,
+concurrent requests meet in batches that depend on timing, and the random tiny model's logits are
+flat enough for a last-bit difference to change a greedy token (seen on an H200 at token ~5 of an
+image request in 2 of 3 runs).
+"""
 
 import concurrent.futures
 
@@ -44,12 +52,9 @@ def _answers(tiny_dir, ironing, cuda_graphs: bool) -> tuple[list[tuple[str, int]
         srv.stop()
 
 
-def test_streams_through_decode_graphs_match_eager(tiny_dir, ironing):
+def test_streams_decode_through_graphs_captured_at_start_up(tiny_dir, ironing):
     graphed, graphs = _answers(tiny_dir, ironing, True)
     eager, none = _answers(tiny_dir, ironing, False)
     assert graphs == 4 * 16 and none == 0  # captured at start-up: batch buckets 1-8 x key spans to 4,096
-    # Same tokens, within float32 rounding: graphs attend over a key span padded to 256 and
-    # masked, eager decode over the exact length, so after some 30 greedy steps a random tiny
-    # model's near-tie can tip (seen once at token ~40 of 44 on an H200). The first half must agree.
-    for (g, _), (e, _) in zip(graphed, eager):
-        assert g and g[:len(g) // 2] == e[:len(g) // 2]
+    for (g, g_tokens), (e, e_tokens) in zip(graphed, eager):
+        assert g and e and g_tokens == e_tokens
