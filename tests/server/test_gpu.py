@@ -6,7 +6,7 @@ Token-for-token agreement of graphs and eager decoding is checked in tests/model
 by step on the same batch. Across two servers it cannot be: GPU decoding is not batch-invariant,
 concurrent requests meet in batches that depend on timing, and the random tiny model's logits are
 flat enough for a last-bit difference to change a greedy token (seen on an H200 at token ~5 of an
-image request in 2 of 3 runs).
+image request in 3 of 5 runs).
 """
 
 import concurrent.futures
