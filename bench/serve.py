@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--text-max-tokens", type=int, default=64)
+    ap.add_argument("--server-args", default="", help="extra flags for every slime server (e.g. --engine-process)")
     ap.add_argument("--text-rounds", type=int, default=9, help="alternating rounds per server")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the concurrency levels")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(concurrency, 4)")
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                         ["--max-batch-size", "1"])])
     for label, extra in runs:
         server = start_slime(model, out / f"server-{len(rows)}.log", "--max-batch-size",
-                             str(max(levels)) if not extra else "1", "--max-waiting-requests", "256")
+                             str(max(levels)) if not extra else "1", "--max-waiting-requests", "256",
+                             *args.server_args.split())
         try:
             asyncio.run(run_level(server.url, name, 1, [distinct_image(999_999)], 8))  # warm-up
             # Levels are visited in rounds (1, 2, ..., 32, then again) so that a noisy phase of the
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     # up and the rounds alternate between them, so a noisy phase of the machine hits both alike.
     prompts = [f"Describe picture number {i} in detail, please." for i in range(32)]
     servers = [("slime", start_slime(model, out / "server-text.log", "--max-batch-size", "16",
-                                     "--max-waiting-requests", "64"), name, {"ignore_eos": True})]
+                                     "--max-waiting-requests", "64", *args.server_args.split()), name,
+                {"ignore_eos": True})]
     try:
         if not args.no_peer:
             from weights.export_llm import export_llm

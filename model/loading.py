@@ -62,6 +62,10 @@ class LoadedModel:
     quantization: str = "none"  # none | 8bit | 4bit (LLM linears)
 
     @property
+    def accepts_images(self) -> bool:
+        return self.model.vision_tower is not None
+
+    @property
     def eos_token_ids(self) -> list[int]:
         ids = set(self.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -51,11 +51,10 @@ def default_model_dir(settings: Settings) -> Path:
     return path
 
 
-def build_service(settings: Settings, metrics: Metrics):
-    """Load the model, warm it up and start the engine (blocking; runs in a worker thread)."""
+def build_engine(settings: Settings, metrics):
+    """Load the model, build the runner and the engine (not started), warm up. -> (LoadedModel, Engine)"""
     from model.loading import LoadOptions, load_model
 
-    from .chat import ChatService
     from .engine.engine import Engine
     from .engine.runner import ModelRunner
 
@@ -70,8 +69,26 @@ def build_service(settings: Settings, metrics: Metrics):
     engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics)
     runner.warm_up()
-    engine.start()
     log.info("model %s loaded in %.1fs", path, lm.stats["load_seconds"])
+    return lm, engine
+
+
+def build_service(settings: Settings, metrics: Metrics):
+    """Load the model and start the engine, in this process or in its own (blocking; runs in a
+    worker thread). -> (ChatService, engine)"""
+    from .chat import ChatService
+
+    if settings.engine_process:
+        from model.loading import load_tokenizer
+
+        from .engine.process import EngineClient
+
+        path = Path(settings.model) if settings.model else default_model_dir(settings)
+        client = EngineClient(settings.model_copy(update={"model": str(path)}), metrics)
+        client.info.tokenizer = load_tokenizer(path)
+        return ChatService(settings, client.info, client, metrics), client
+    lm, engine = build_engine(settings, metrics)
+    engine.start()
     return ChatService(settings, lm, engine, metrics), engine
 
 

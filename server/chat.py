@@ -141,7 +141,7 @@ class ChatService:
         if images and self.metrics:
             self.metrics.preprocess.observe(time.perf_counter() - t0)
             self.metrics.images.inc(len(images))
-        if images and self.lm.model.vision_tower is None:
+        if images and not self.lm.accepts_images:
             raise bad_request("this model does not accept images", param="messages")
         try:
             pieces = build_prompt(messages, self.template)

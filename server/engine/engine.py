@@ -71,13 +71,17 @@ class Engine:
     """
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk: int = 512,
-                 metrics=None, vision_thread: bool = True):
+                 metrics=None, vision_thread: bool = True, deliver=None):
         self.runner = runner
+        # Where a step's events go: by default to each request's RequestStream on its event loop;
+        # `deliver(list[(request_id, Event)])` instead for requests added with `submit_detached`
+        # (the engine process hands them to the API process, see `process.py`).
+        self.deliver = deliver
         self.scheduler = Scheduler(num_slots=max_batch_size)
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, RequestStream | None] = {}  # None: detached (see `deliver`)
         self._by_id: dict[str, Sequence] = {}
         self._outbox: list = []
         self._thread: threading.Thread | None = None
@@ -126,6 +130,13 @@ class Engine:
         self._inbox.put(("add", request))
         return stream
 
+    def submit_detached(self, request: EngineRequest) -> None:
+        """Hand a request to the engine; its events go to `deliver`."""
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        self._streams[request.request_id] = None
+        self._inbox.put(("add", request))
+
     @property
     def num_requests(self) -> int:
         """Requests submitted and not yet finished or aborted."""
@@ -137,21 +148,29 @@ class Engine:
         return cache.pin(digest) if cache is not None else None
 
     def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)  # (a RequestStream has already left)
         self._inbox.put(("abort", request_id))
 
     def _emit(self, request_id: str, event: Event) -> None:
-        """Queue an event; `_flush` hands a step's events to the event loop in one wake-up."""
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            self._outbox.append((stream, event))
+        """Queue an event; `_flush` hands a step's events on in one wake-up."""
+        if request_id in self._streams:
+            self._outbox.append((request_id, event))
 
     def _flush(self) -> None:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
+        if self.deliver is not None:
+            for request_id, event in batch:
+                if event.finish_reason is not None:
+                    self._streams.pop(request_id, None)
+            self.deliver(batch)
+            return
         by_loop: dict = {}
-        for stream, event in batch:
-            by_loop.setdefault(stream.loop, []).append((stream, event))
+        for request_id, event in batch:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, event))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

@@ -6,12 +6,15 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.server.conftest import start_server_process
 
 
-def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir):
-    proc, url = start_server_process(tiny_dir, "--drain-timeout", "30")
+@pytest.mark.parametrize("engine", ["in-process", "engine-process"])
+def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir, engine):
+    extra = ("--engine-process",) if engine == "engine-process" else ()
+    proc, url = start_server_process(tiny_dir, "--drain-timeout", "30", *extra)
     try:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -28,6 +31,8 @@ def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir):
         t = threading.Thread(target=consume)
         t.start()
         assert started.wait(30)
+        children = _children(proc.pid)
+        assert bool(children) == bool(extra)  # the engine process, when asked for
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         try:  # new work is refused: connection refused or 503
@@ -40,6 +45,28 @@ def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir):
         usage = json.loads(got[-2][6:])["usage"]
         assert usage["completion_tokens"] == 300
         assert proc.wait(60) == 0
+        deadline = time.time() + 10  # the engine process goes with it
+        while time.time() < deadline and any(_alive(c) for c in children):
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,112 @@
+"""`--engine-process`: the engine in its own process, driven through the real server and client."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from model.generation import generate
+from model.sampling import SamplingParams
+from model.templates import Message
+from server.settings import Settings
+from tests.server.conftest import LiveServer, data_url, image_message
+
+MODEL = "tiny"
+QUESTION = "What is unusual about this image?"
+
+
+def _metric_or_zero(server, name, labels=""):
+    try:
+        return server.metric(name, labels)
+    except KeyError:  # a labelled counter appears with its first increment
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def ep(tiny_dir):
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=16, engine_process=True)).start()
+    yield s
+    s.stop()
+    assert not s.state.engine.process.is_alive()  # stopping the server ends the engine process
+
+
+@pytest.fixture(scope="module")
+def ep_client(ep):
+    import openai
+
+    return openai.OpenAI(base_url=ep.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_streams_what_the_model_generates_and_reports_its_metrics(ep, ep_client, tiny_lm, ironing):
+    image = ironing.resize((500, 375))
+    ref = generate(tiny_lm, [Message("user", QUESTION, num_images=1)], [image],
+                   SamplingParams(max_tokens=12, temperature=0))
+    tokens_before = ep.metric("slime_generation_tokens_total")
+    stream = ep_client.chat.completions.create(model=MODEL, messages=[image_message(QUESTION, data_url(image))],
+                                               max_tokens=12, temperature=0, stream=True,
+                                               stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == ref.text and usage.completion_tokens == 12 and usage.prompt_tokens == ref.prompt_tokens
+    # metric updates made in the engine process are replayed in the API process's registry
+    deadline = time.time() + 5
+    while time.time() < deadline and ep.metric("slime_generation_tokens_total") < tokens_before + 12:
+        time.sleep(0.05)
+    assert ep.metric("slime_generation_tokens_total") == tokens_before + 12
+    assert ep.metric("slime_image_tokens_total", 'kind="global"') > 0
+
+
+def test_a_repeated_image_hits_the_engine_process_vision_cache(ep, ep_client, waterview):
+    url = data_url(waterview.resize((640, 420)), "JPEG")
+    hits = _metric_or_zero(ep, "slime_vision_cache_total", 'result="hit"')
+    answers = [ep_client.chat.completions.create(model=MODEL, messages=[image_message("Where?", url)], max_tokens=6,
+                                                 temperature=0).choices[0].message.content for _ in range(2)]
+    assert answers[0] == answers[1]
+    assert ep.metric("slime_vision_cache_total", 'result="hit"') == hits + 1
+
+
+def test_abandoned_streams_free_their_slots(ep):
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as c:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500,
+                    "ignore_eos": True, "stream": True}
+
+            async def abandon():
+                async with c.stream("POST", ep.url + "/v1/chat/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if '"content"' in line:
+                            break
+
+            await asyncio.gather(*(abandon() for _ in range(24)))
+
+    asyncio.run(main())
+    deadline = time.time() + 15
+    while time.time() < deadline and (ep.metric("slime_num_requests_running") or ep.state.engine.num_requests):
+        time.sleep(0.05)
+    assert ep.metric("slime_num_requests_running") == 0 and ep.metric("slime_num_requests_waiting") == 0
+    assert ep.state.engine.num_requests == 0
+
+
+def test_a_dead_engine_process_ends_streams_and_fails_health(tiny_dir):
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", engine_process=True)).start()
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
+                "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    s.state.engine.process.kill()  # a crash (OOM killer, segfault) in the engine process
+        assert any('"error"' in x for x in lines) and lines[-1] == "data: [DONE]"
+        assert httpx.get(s.url + "/health").status_code == 503  # liveness fails: restart me
+        assert httpx.get(s.url + "/ready").status_code == 503
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"]
+    finally:
+        s.stop()
