@@ -14,12 +14,13 @@ import collections
 import itertools
 import logging
 import multiprocessing as mp
+import queue
 import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import RequestStream, _deliver
+from .engine import EngineDead, RequestStream, _deliver
 from .types import EngineRequest, Event
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,18 @@ def replay(metrics, ops: list) -> None:
 
 
 # -- the engine process ----------------------------------------------------------------------
-def _engine_main(conn, settings) -> None:
+def _enlarge(conn) -> None:
+    """A 1 MiB pipe buffer (Linux; the default is 64 KiB): a request's pixels (~10 MB) cross in
+    ten reads instead of ~150, each of which must win the receiving process's GIL."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+    except (ImportError, OSError):
+        pass
+
+
+def _engine_main(inbox, outbox, settings) -> None:
     """Entry point of the engine process: load, warm up, then serve messages until "stop"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when this one stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -83,7 +95,7 @@ def _engine_main(conn, settings) -> None:
 
     def send(msg) -> None:
         with send_lock:
-            conn.send(msg)
+            outbox.send(msg)
 
     metrics = RecordingMetrics()
     try:
@@ -95,19 +107,24 @@ def _engine_main(conn, settings) -> None:
     engine.deliver = lambda batch: send(("events", batch, metrics.drain()))
     engine.start()
     info = ModelInfo(cfg=lm.cfg, template=lm.template, image_norm=lm.image_norm,
-                     accepts_images=lm.model.vision_tower is not None, stats=lm.stats)
+                     accepts_images=lm.accepts_images, stats=lm.stats)
     send(("ready", info))
     try:
         while engine.alive:
-            if not conn.poll(0.25):
+            if not inbox.poll(0.25):
                 ops = metrics.drain()  # gauges updated while idle
                 if ops:
                     send(("events", [], ops))
                 continue
-            msg = conn.recv()
+            msg = inbox.recv()
             kind = msg[0]
             if kind == "add":
-                engine.submit_detached(msg[1])
+                try:
+                    engine.submit_detached(msg[1])
+                except EngineDead:
+                    gone = Event(finish_reason="error", error="the engine is not running", error_status=503,
+                                 error_type="unavailable")
+                    send(("events", [(msg[1].request_id, gone)], []))
             elif kind == "abort":
                 engine.abort(msg[1])
             elif kind == "pin":
@@ -140,11 +157,9 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class CachedImage:
+    """The engine process's answer to a vision-cache lookup: what the chat layer reads of it."""
+
     grid: Any
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 # -- the API process's side ------------------------------------------------------------------
@@ -153,14 +168,20 @@ class EngineClient:
 
     def __init__(self, settings, metrics=None, *, start_timeout: float | None = None):
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self._conn, child = ctx.Pipe()
+        down_r, self._down = ctx.Pipe(duplex=False)  # requests, aborts, lookups: API -> engine
+        self._up, up_w = ctx.Pipe(duplex=False)  # events, metrics, answers: engine -> API
+        for conn in (self._down, self._up):
+            _enlarge(conn)
         self.metrics = metrics
-        self.process = ctx.Process(target=_engine_main, args=(child, settings), name="slime-engine-process",
+        self.process = ctx.Process(target=_engine_main, args=(down_r, up_w, settings), name="slime-engine-process",
                                    daemon=True)
         self.process.start()
-        child.close()
+        down_r.close()
+        up_w.close()
+        # Messages go out from a thread of their own: sending a request's pixels blocks until the
+        # engine process has read them, which must not stall the event loop.
+        self._outq: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
-        self._send_lock = threading.Lock()
         self._pins: dict[int, list] = {}
         self._pin_ids = itertools.count()
         self.alive = False
@@ -172,9 +193,11 @@ class EngineClient:
         self.alive = True
         self._reader = threading.Thread(target=self._read, name="slime-engine-reader", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write, name="slime-engine-writer", daemon=True)
+        self._writer.start()
 
     def _recv_start(self, timeout: float | None):
-        while not self._conn.poll(1.0):
+        while not self._up.poll(1.0):
             if not self.process.is_alive():
                 return ("failed", f"exit code {self.process.exitcode}")
             if timeout is not None:
@@ -183,35 +206,38 @@ class EngineClient:
                     self.process.kill()
                     return ("failed", "timed out")
         try:
-            return self._conn.recv()
+            return self._up.recv()
         except EOFError:
             return ("failed", f"exit code {self.process.exitcode}")
 
     def _send(self, msg) -> None:
-        with self._send_lock:
-            self._conn.send(msg)
+        self._outq.put(msg)
+
+    def _write(self) -> None:
+        while True:
+            msg = self._outq.get()
+            if msg is None:
+                return
+            try:
+                self._down.send(msg)
+            except OSError:  # the engine process is gone; the reader reports it
+                return
 
     # -- the Engine interface --------------------------------------------------------------------
     def submit(self, request: EngineRequest) -> RequestStream:
         if not self.alive:
-            from .engine import EngineDead
-
             raise EngineDead("the engine is not running")
         stream = RequestStream(self, request.request_id)  # type: ignore[arg-type]
         self._streams[request.request_id] = stream
-        try:
-            self._send(("add", request))
-        except OSError:
+        if not self.alive:  # died meanwhile: the reader's last sweep may have missed this stream
             self._streams.pop(request.request_id, None)
-            raise
+            raise EngineDead("the engine is not running")
+        self._send(("add", request))
         return stream
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        try:
-            self._send(("abort", request_id))
-        except OSError:
-            pass
+        self._send(("abort", request_id))
 
     @property
     def num_requests(self) -> int:
@@ -237,21 +263,19 @@ class EngineClient:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.is_alive():
-            try:
-                self._send(("stop",))
-            except OSError:
-                pass
+            self._send(("stop",))
             self.process.join(timeout)
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join(5)
+        self._outq.put(None)
         self.alive = False
 
     # -- the reader thread ----------------------------------------------------------------------
     def _read(self) -> None:
         try:
             while True:
-                msg = self._conn.recv()
+                msg = self._up.recv()
                 kind = msg[0]
                 if kind == "events":
                     self._dispatch(msg[1])

@@ -110,3 +110,17 @@ def test_a_dead_engine_process_ends_streams_and_fails_health(tiny_dir):
         assert r.status_code == 503 and r.json()["error"]["type"]
     finally:
         s.stop()
+
+
+def test_an_engine_process_that_fails_to_load_fails_health(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint directory without weights
+    s = LiveServer(Settings(model=str(tmp_path), device="cpu", engine_process=True)).start(wait_ready=False)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and httpx.get(s.url + "/health").status_code == 200:
+            time.sleep(0.1)
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and "engine process failed to start" in r.json()["detail"]
+        assert httpx.get(s.url + "/ready").status_code == 503
+    finally:
+        s.stop()
