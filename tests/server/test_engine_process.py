@@ -124,3 +124,32 @@ def test_an_engine_process_that_fails_to_load_fails_health(tmp_path):
         assert httpx.get(s.url + "/ready").status_code == 503
     finally:
         s.stop()
+
+
+def test_pixels_cross_a_pipe_bit_for_bit():
+    import os
+    import threading
+
+    import numpy as np
+
+    from model.processor import PreparedImage
+    from model.sampling import SamplingParams as Params
+    from server.engine.process import _read_array, _split_pixels, _write_array
+    from server.engine.types import EngineRequest
+
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 336, 336), dtype=np.float32)  # > a pipe's buffer
+    req = EngineRequest("r", [1, -200, -200], [PreparedImage(None, (1, 1), "cached"), PreparedImage(pixels, (2, 1))],
+                        Params(), 10)
+    bare, arrays = _split_pixels(req)
+    assert [i for i, _ in arrays] == [1] and all(img.pixels is None for img in bare.images)
+    assert req.images[1].pixels is pixels  # the caller's request is left as it was
+    r, w = os.pipe()
+    try:
+        writer = threading.Thread(target=_write_array, args=(w, pixels))
+        writer.start()
+        back = _read_array(r, pixels.shape, pixels.dtype.str)
+        writer.join()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert back.dtype == np.float32 and np.array_equal(back, pixels)
