@@ -21,6 +21,21 @@ def _deliver(items) -> None:
         stream.queue.put_nowait(event)
 
 
+def dispatch(streams: dict, batch: list) -> None:
+    """Hand (request_id, Event) pairs to their RequestStreams, one wake-up per event loop; events
+    of streams already gone are dropped. Called from a thread that is not the loop's."""
+    by_loop: dict = {}
+    for request_id, event in batch:
+        stream = streams.get(request_id)
+        if stream is not None:
+            by_loop.setdefault(stream.loop, []).append((stream, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # loop closed
+            pass
+
+
 class RequestStream:
     """Async iterator over one request's events; `aclose()` (or garbage collection) before the
     final event aborts the request."""
@@ -166,16 +181,7 @@ class Engine:
                     self._streams.pop(request_id, None)
             self.deliver(batch)
             return
-        by_loop: dict = {}
-        for request_id, event in batch:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, event))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # loop closed
-                pass
+        dispatch(self._streams, batch)
 
     # -- engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import EngineDead, RequestStream, _deliver
+from .engine import EngineDead, RequestStream, dispatch
 from .types import EngineRequest, Event
 
 log = logging.getLogger(__name__)
@@ -338,13 +338,4 @@ class EngineClient:
             self._dispatch([(rid, gone) for rid in list(self._streams)])
 
     def _dispatch(self, batch: list) -> None:
-        by_loop: dict = {}
-        for request_id, event in batch:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, event))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # loop closed
-                pass
+        dispatch(self._streams, batch)

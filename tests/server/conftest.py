@@ -100,6 +100,18 @@ def image_message(text: str, *urls: str) -> dict:
                                         *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}
 
 
+def stream_lines(url: str, body: dict, *, after: int, then) -> list[str]:
+    """POST a streamed chat request, call `then()` once `after` SSE lines came, return every line."""
+    lines: list[str] = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+                if len(lines) == after:
+                    then()
+    return lines
+
+
 def wait_for(url: str, path: str = "/ready", timeout: float = 90) -> None:
     """Poll until `url + path` answers 200."""
     deadline = time.time() + timeout

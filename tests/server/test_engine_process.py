@@ -10,7 +10,7 @@ from model.generation import generate
 from model.sampling import SamplingParams
 from model.templates import Message
 from server.settings import Settings
-from tests.server.conftest import LiveServer, data_url, image_message
+from tests.server.conftest import LiveServer, data_url, image_message, stream_lines
 
 MODEL = "tiny"
 QUESTION = "What is unusual about this image?"
@@ -96,13 +96,8 @@ def test_a_dead_engine_process_ends_streams_and_fails_health(tiny_dir):
     try:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
                 "ignore_eos": True, "stream": True}
-        lines = []
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) == 3:
-                    s.state.engine.process.kill()  # a crash (OOM killer, segfault) in the engine process
+        # a crash (OOM killer, segfault) of the engine process in the middle of a stream
+        lines = stream_lines(s.url, body, after=3, then=s.state.engine.process.kill)
         assert any('"error"' in x for x in lines) and lines[-1] == "data: [DONE]"
         assert httpx.get(s.url + "/health").status_code == 503  # liveness fails: restart me
         assert httpx.get(s.url + "/ready").status_code == 503

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from server.settings import Settings
-from tests.server.conftest import LiveServer, data_url, image_message
+from tests.server.conftest import LiveServer, data_url, image_message, stream_lines
 
 MODEL = "tiny"
 
@@ -396,13 +396,7 @@ def test_engine_stop_ends_in_flight_streams_instead_of_hanging(tiny_dir):
     s = LiveServer(Settings(model=str(tiny_dir), device="cpu")).start()
     try:
         body = hi(max_tokens=3000, ignore_eos=True, stream=True)
-        lines = []
-        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) == 3:
-                    threading.Thread(target=s.state.engine.stop).start()
+        lines = stream_lines(s.url, body, after=3, then=threading.Thread(target=s.state.engine.stop).start)
         assert any('"error"' in x and "shutting down" in x for x in lines)
         assert lines[-1] == "data: [DONE]"
     finally:
