@@ -322,7 +322,10 @@ class EngineClient:
                 if kind == "events":
                     self._dispatch(msg[1])
                     if self.metrics is not None and msg[2]:
-                        replay(self.metrics, msg[2])
+                        try:
+                            replay(self.metrics, msg[2])
+                        except Exception:  # noqa: BLE001 - a metric bug must not cut off the events
+                            log.exception("replaying the engine process's metric updates failed")
                 elif kind == "pinned":
                     slot = self._pins.get(msg[1])
                     if slot is not None:

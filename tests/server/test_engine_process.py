@@ -148,3 +148,19 @@ def test_pixels_cross_a_pipe_bit_for_bit():
         os.close(r)
         os.close(w)
     assert back.dtype == np.float32 and np.array_equal(back, pixels)
+
+
+def test_recorded_metric_updates_replay_into_the_registry():
+    from server.engine.process import RecordingMetrics, replay
+    from server.metrics import Metrics
+
+    rec, real = RecordingMetrics(), Metrics()
+    rec.batch_size.observe(3)
+    rec.image_tokens.labels("global").inc(576)
+    rec.running.set(2)
+    ops = rec.drain()
+    assert len(ops) == 3 and not rec.drain()
+    replay(real, ops)
+    assert real.running._value.get() == 2
+    assert real.image_tokens.labels("global")._value.get() == 576
+    assert real.batch_size._sum.get() == 3
