@@ -14,7 +14,7 @@ if [ -d .whl ] && ! python3 -c "import fastapi, pydantic_settings, uvicorn, open
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
-timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_gpu.py tests/server/test_gpu.py 2>&1 \
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests/model/test_gpu.py tests/server/test_gpu.py 2>&1 \
   | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 timeout 240 python3 -m bench.gpu --profile --capture-all --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"

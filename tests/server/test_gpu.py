@@ -21,11 +21,11 @@ from .conftest import LiveServer, data_url, image_message
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def _answers(tiny_dir, ironing, cuda_graphs: bool) -> tuple[list[tuple[str, int]], float]:
+def _answers(tiny_dir, ironing, cuda_graphs: bool, engine_process: bool = False) -> tuple[list[tuple[str, int]], float]:
     import openai
 
     srv = LiveServer(Settings(model=str(tiny_dir), device="cuda", dtype="float32", max_batch_size=8,
-                              cuda_graphs=cuda_graphs)).start()
+                              cuda_graphs=cuda_graphs, engine_process=engine_process)).start()
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         image = data_url(ironing.resize((500, 350)), "JPEG")
@@ -58,3 +58,9 @@ def test_streams_decode_through_graphs_captured_at_start_up(tiny_dir, ironing):
     assert graphs == 4 * 16 and none == 0  # captured at start-up: batch buckets 1-8 x key spans to 4,096
     for (g, g_tokens), (e, e_tokens) in zip(graphed, eager):
         assert g and e and g_tokens == e_tokens
+
+
+def test_the_engine_process_serves_on_cuda(tiny_dir, ironing):
+    """`--engine-process` on a GPU: CUDA initialised in a spawned process, graphs captured there."""
+    answers, graphs = _answers(tiny_dir, ironing, True, engine_process=True)
+    assert graphs == 4 * 16 and all(text for text, _ in answers)
