@@ -182,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
         return 2
+    from model.kv_cache import KVCache
+
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     model, cfg = build(device, dtype)
     llm = model.llm
     # bytes one decode step must read: every LLM weight but the embedding table (one row gathered)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if "embed_tokens" not in n)
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.dim_head * torch.empty((), dtype=dtype).element_size()
+    kv_bytes = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                                       head_dim=cfg.dim_head, dtype=dtype)
     bw = copy_bandwidth(device)
     batches = [int(x) for x in args.batches.split(",")]
     rows = []

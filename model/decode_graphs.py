@@ -62,8 +62,8 @@ class DecodeGraphs:
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch bucket, key span) a call can need."""
-        spans = sorted({self.span([p]) for p in range(self.span_block - 1, self.cache.max_len, self.span_block)}
-                       | {self.span([self.cache.max_len - 1])})
+        top = self.cache.max_len
+        spans = [min(s, top) for s in range(self.span_block, top + self.span_block, self.span_block)]
         return [(b, s) for b in self.buckets for s in spans]
 
     @torch.inference_mode()

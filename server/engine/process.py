@@ -139,7 +139,7 @@ def _engine_main(inbox, outbox, settings) -> None:
     engine.deliver = lambda batch: send(("events", batch, metrics.drain()))
     engine.start()
     info = ModelInfo(cfg=lm.cfg, template=lm.template, image_norm=lm.image_norm,
-                     accepts_images=lm.accepts_images, stats=lm.stats)
+                     accepts_images=lm.accepts_images)
     send(("ready", info))
     try:
         while engine.alive:
@@ -187,7 +187,6 @@ class ModelInfo:
     template: str
     image_norm: Any
     accepts_images: bool
-    stats: dict
     tokenizer: Any = None  # loaded by the API process itself
 
 

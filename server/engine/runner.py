@@ -150,12 +150,13 @@ class ModelRunner:
         emb = self.llm.embed(torch.tensor([0, 0, 0], device=self.device))
         self.llm.prefill(emb[:2], self.cache, slot=0, start=0)
         self.llm.prefill(emb[2:], self.cache, slot=0, start=2)  # a one-position chunk: its own shape
-        for batch in sorted({1, min(2, self.num_slots)}):  # batch 1 and dynamic batches compile apart
+        batches = sorted({1, min(2, self.num_slots)})  # batch 1 and dynamic batches compile apart
+        for batch in batches:
             ids = torch.zeros(batch, dtype=torch.long, device=self.device)  # contiguous, as in serving
             self.llm.decode(self.llm.embed(ids), [3] * batch, self.cache)
         if self.graphs is not None:
             try:
-                for batch in sorted({1, min(2, self.num_slots)}):
+                for batch in batches:
                     self.graphs([0] * batch, [3] * batch)
                 if self.capture_all_graphs:
                     t0 = time.perf_counter()
