@@ -1,6 +1,6 @@
 """SliME's image slicing: grid choice, global view, local tiles and token counts (spec section 2).
 
-Pure PIL/numpy: no torch, no model. The token-count functions here are what the scheduler uses
+PIL, numpy and the compiled resampler (`resample.py`): no torch, no model. The token-count functions here are what the scheduler uses
 before any GPU work, so they must agree with what the model produces (tests check that).
 """
 
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from .resample import resize_many
 
 VIEW_SIZE = 336  # CLIP input side S
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -91,65 +93,35 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _strips(n: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
-
-
-def resize_bicubic(images: list[Image.Image], sizes: list[tuple[int, int]], parts: int = 0) -> list[Image.Image]:
-    """`[im.resize(size, BICUBIC) for ...]`, bit for bit, computed in parallel strips.
-
-    Pillow resamples horizontally, then vertically, through an 8-bit intermediate. Every output
-    row of the horizontal pass depends on one input row and every column of the vertical pass on
-    one column, so both passes split into strips that give exactly Pillow's pixels, and Pillow
-    releases the GIL while it resamples.
-    """
-    if all(im.width * im.height < _PARALLEL_MIN_PIXELS for im in images):
-        return [im.resize(size, Image.Resampling.BICUBIC) for im, size in zip(images, sizes)]
+def resize(image: Image.Image, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """`[np.asarray(image.resize(size, BICUBIC)) for size in sizes]`, bit for bit (`model.resample`),
+    split over the resize threads for large photos (the kernels release the GIL)."""
+    if image.width * image.height < _PARALLEL_MIN_PIXELS:
+        return resize_many(image, sizes)
     pool = _pool()
-    parts = parts or pool._max_workers
-
-    def run_pass(ims: list[Image.Image], targets: list[int], horizontal: bool) -> list[Image.Image]:
-        # Submit every strip of every image first, so that the workers never idle between images.
-        plans = []
-        for im, target in zip(ims, targets):
-            if target == (im.width if horizontal else im.height):
-                plans.append((im, None))
-                continue
-            jobs = []
-            for a, b in _strips(im.height if horizontal else im.width, parts):
-                box = (0, a, im.width, b) if horizontal else (a, 0, b, im.height)
-                size = (target, b - a) if horizontal else (b - a, target)
-                jobs.append((a, pool.submit(lambda box=box, size=size, im=im: im.crop(box).resize(
-                    size, Image.Resampling.BICUBIC))))
-            plans.append((im, jobs))
-        out = []
-        for (im, jobs), target in zip(plans, targets):
-            if jobs is None:
-                out.append(im)
-                continue
-            full = Image.new(im.mode, (target, im.height) if horizontal else (im.width, target))
-            for a, job in jobs:
-                full.paste(job.result(), (0, a) if horizontal else (a, 0))
-            out.append(full)
-        return out
-
-    wide = run_pass(images, [size[0] for size in sizes], horizontal=True)
-    return run_pass(wide, [size[1] for size in sizes], horizontal=False)
+    return resize_many(image, sizes, pool, pool._max_workers)
 
 
-def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[list[Image.Image], tuple[int, int]]:
-    """RGB image -> ([global view, tile_0, ..., tile_{P-1}], (cols, rows)), tiles in raster order."""
+def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> (`[1 + cols*rows, S, S, 3]` uint8: the global view, then the tiles of the padded
+    canvas in raster order; (cols, rows))."""
     width, height = image.size
     cols, rows = choose_grid(width, height, view_size=view_size)
     tw, th = cols * view_size, rows * view_size
     nw, nh = resized_size(width, height, (tw, th))
-    resized, global_view = resize_bicubic([image, image], [(nw, nh), (view_size, view_size)])
-    canvas = Image.new("RGB", (tw, th), (0, 0, 0))
-    canvas.paste(resized, ((tw - nw) // 2, (th - nh) // 2))
-    tiles = [canvas.crop((c * view_size, r * view_size, (c + 1) * view_size, (r + 1) * view_size))
-             for r in range(rows) for c in range(cols)]
-    return [global_view, *tiles], (cols, rows)
+    resized, global_view = resize(image, [(nw, nh), (view_size, view_size)])
+    views = np.zeros((1 + cols * rows, view_size, view_size, 3), np.uint8)  # black padding, as the reference
+    views[0] = global_view
+    # The resized photo sits centred on a black canvas; tile t covers canvas rows r*S.., cols c*S..
+    left, top = (tw - nw) // 2, (th - nh) // 2
+    for t in range(cols * rows):
+        r, c = divmod(t, cols)
+        y0, x0 = r * view_size, c * view_size
+        ya, yb = max(y0, top), min(y0 + view_size, top + nh)
+        xa, xb = max(x0, left), min(x0 + view_size, left + nw)
+        if ya < yb and xa < xb:
+            views[1 + t, ya - y0:yb - y0, xa - x0:xb - x0] = resized[ya - top:yb - top, xa - left:xb - left]
+    return views, (cols, rows)
 
 
 @dataclass(frozen=True)
@@ -178,10 +150,10 @@ def normalisation_lut(norm: ImageNorm = CLIP_NORM) -> np.ndarray:
     return lut
 
 
-def normalise_views(views: list[Image.Image], norm: ImageNorm = CLIP_NORM) -> np.ndarray:
-    """Views of S x S -> `[views, 3, S, S]` float32 normalised pixels."""
+def normalise_views(views, norm: ImageNorm = CLIP_NORM) -> np.ndarray:
+    """`[V, S, S, 3]` uint8 (or a list of S x S images) -> `[V, 3, S, S]` float32 normalised pixels."""
     lut = normalisation_lut(norm)
-    arr = np.stack([np.asarray(v, dtype=np.uint8) for v in views])  # [V, S, S, 3]
+    arr = views if isinstance(views, np.ndarray) else np.stack([np.asarray(v, dtype=np.uint8) for v in views])
     out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
     for c in range(3):
         out[:, c] = lut[c][arr[..., c]]
@@ -209,8 +181,6 @@ def preprocess_single(image: Image.Image, *, pad: bool, view_size: int = VIEW_SI
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(view_size * long / short)
     size = (view_size, new_long) if w <= h else (new_long, view_size)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (image.width - view_size) // 2, (image.height - view_size) // 2
-    image = image.crop((left, top, left + view_size, top + view_size))
-    return normalise_views([image], norm)
+    arr = resize(image, [size])[0] if size != image.size else np.asarray(image)
+    left, top = (size[0] - view_size) // 2, (size[1] - view_size) // 2
+    return normalise_views(arr[None, top:top + view_size, left:left + view_size], norm)

@@ -76,8 +76,11 @@ def build_engine(settings: Settings, metrics):
 def build_service(settings: Settings, metrics: Metrics):
     """Load the model and start the engine, in this process or in its own (blocking; runs in a
     worker thread). -> (ChatService, engine)"""
+    from model.resample import warm_up as warm_up_resampler
+
     from .chat import ChatService
 
+    warm_up_resampler()  # image preprocessing runs here, in the API process: compile before serving
     if settings.engine_process:
         from model.loading import load_tokenizer
 

@@ -97,15 +97,3 @@ def test_preprocess_shapes_and_counts():
     count = count_image_tokens(4000, 300)
     assert pixels.shape == (count.num_views, 3, 336, 336) and grid == count.grid == (7, 1)
     assert count.local_tokens == 7 * 144 and count.global_tokens == 576
-
-
-def test_parallel_strip_resize_is_bit_identical_to_pillow():
-    from model.slicing import resize_bicubic
-
-    rng = np.random.default_rng(5)
-    for _ in range(6):
-        w, h = (int(x) for x in rng.integers(1100, 2600, 2))
-        img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
-        sizes = [(336, 336), (int(rng.integers(100, 1400)), int(rng.integers(100, 1400))), (w, 500), (700, h)]
-        for out, size in zip(resize_bicubic([img] * 4, sizes), sizes):
-            assert np.array_equal(np.asarray(out), np.asarray(img.resize(size, Image.BICUBIC))), size
