@@ -93,23 +93,24 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def resize(image: Image.Image, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+def resize(image: Image.Image, sizes: list[tuple[int, int]], parallel: bool = True) -> list[np.ndarray]:
     """`[np.asarray(image.resize(size, BICUBIC)) for size in sizes]`, bit for bit (`model.resample`),
     split over the resize threads for large photos (the kernels release the GIL)."""
-    if image.width * image.height < _PARALLEL_MIN_PIXELS:
+    if not parallel or image.width * image.height < _PARALLEL_MIN_PIXELS:
         return resize_many(image, sizes)
     pool = _pool()
     return resize_many(image, sizes, pool, pool._max_workers)
 
 
-def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE,
+                parallel: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB image -> (`[1 + cols*rows, S, S, 3]` uint8: the global view, then the tiles of the padded
     canvas in raster order; (cols, rows))."""
     width, height = image.size
     cols, rows = choose_grid(width, height, view_size=view_size)
     tw, th = cols * view_size, rows * view_size
     nw, nh = resized_size(width, height, (tw, th))
-    resized, global_view = resize(image, [(nw, nh), (view_size, view_size)])
+    resized, global_view = resize(image, [(nw, nh), (view_size, view_size)], parallel)
     views = np.zeros((1 + cols * rows, view_size, view_size, 3), np.uint8)  # black padding, as the reference
     views[0] = global_view
     # The resized photo sits centred on a black canvas; tile t covers canvas rows r*S.., cols c*S..
@@ -160,10 +161,11 @@ def normalise_views(views, norm: ImageNorm = CLIP_NORM) -> np.ndarray:
     return out
 
 
-def preprocess(image: Image.Image, *, view_size: int = VIEW_SIZE,
-               norm: ImageNorm = CLIP_NORM) -> tuple[np.ndarray, tuple[int, int]]:
-    """RGB image -> (`[1 + cols*rows, 3, S, S]` float32, (cols, rows))."""
-    views, grid = slice_image(image, view_size=view_size)
+def preprocess(image: Image.Image, *, view_size: int = VIEW_SIZE, norm: ImageNorm = CLIP_NORM,
+               parallel: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> (`[1 + cols*rows, 3, S, S]` float32, (cols, rows)). `parallel`: large photos
+    use the resize threads."""
+    views, grid = slice_image(image, view_size=view_size, parallel=parallel)
     return normalise_views(views, norm), grid
 
 
