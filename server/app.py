@@ -67,7 +67,7 @@ def build_engine(settings: Settings, metrics):
                          capture_all_graphs=settings.cuda_graph_capture == "startup",
                          compile_pointwise=settings.compile)
     engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
-                    metrics=metrics)
+                    metrics=metrics, vision_nice=settings.vision_nice)
     runner.warm_up()
     log.info("model %s loaded in %.1fs", path, lm.stats["load_seconds"])
     return lm, engine

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     compile: bool = Field(True, description="torch.compile the norms, RoPE and SiLU into fused kernels (CUDA)")
     engine_process: bool = Field(False, description="run the engine in its own process (HTTP and the model "
                                  "stop sharing one GIL)")
+    vision_nice: int = Field(10, ge=0, le=19, description="niceness added to the vision thread (Linux; 0: none): "
+                             "decode steps get the CPU before new requests' image encoding")
     vision_cache_mb: int = Field(256, ge=0, description="vision-feature cache size (0: off)")
     # request limits
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit (413)")

@@ -76,11 +76,32 @@ def test_cpu_image_serves_health_and_a_chat_completion(image):
                  "                   'messages': [{'role': 'user', 'content': 'hi'}]}).encode()\n"
                  "req = urllib.request.Request('http://127.0.0.1:8000/v1/chat/completions', data=body,\n"
                  "                             headers={'Content-Type': 'application/json'})\n"
-                 "print(json.dumps({'health': health, 'chat': json.load(urllib.request.urlopen(req))}))\n")
+                 "chat = json.load(urllib.request.urlopen(req))\n"
+                 # an image request: slicing (the compiled resampler) and the vision stage
+                 "import base64, io, os\n"
+                 "from PIL import Image\n"
+                 "buf = io.BytesIO(); Image.new('RGB', (700, 500), (200, 30, 90)).save(buf, 'PNG')\n"
+                 "url = 'data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode()\n"
+                 "body = json.dumps({'model': 'tiny-slime', 'max_tokens': 3, 'temperature': 0,\n"
+                 "                   'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'what?'},\n"
+                 "                                {'type': 'image_url', 'image_url': {'url': url}}]}]}).encode()\n"
+                 "req = urllib.request.Request('http://127.0.0.1:8000/v1/chat/completions', data=body,\n"
+                 "                             headers={'Content-Type': 'application/json'})\n"
+                 "image_chat = json.load(urllib.request.urlopen(req))\n"
+                 "procs = [open(f'/proc/{p}/cmdline', 'rb').read() for p in os.listdir('/proc') if p.isdigit()]\n"
+                 "engines = sum(b'multiprocessing' in c and b'resource_tracker' not in c for c in procs)\n"
+                 "kernels = os.listdir(os.environ['NUMBA_CACHE_DIR']) if os.path.isdir(os.environ['NUMBA_CACHE_DIR']) else []\n"
+                 "print(json.dumps({'health': health, 'chat': chat, 'image_chat': image_chat,\n"
+                 "                  'engine_processes': engines, 'numba_cache': kernels}))\n")
         out = sh(podman, "exec", name, "python", "-c", probe, timeout=120)
         data = json.loads(out.stdout.strip().splitlines()[-1])
         assert data["health"] == {"status": "ok"}
         assert data["chat"]["object"] == "chat.completion" and data["chat"]["usage"]["completion_tokens"] == 4
+        # 700 x 500 -> 2 tiles: 576 global + up to 288 local tokens in the prompt
+        assert data["image_chat"]["usage"]["completion_tokens"] == 3
+        assert data["image_chat"]["usage"]["prompt_tokens"] > 576
+        assert data["engine_processes"] == 1  # the CPU image runs the engine in its own process
+        assert data["numba_cache"], "the resampler's kernels were not compiled into the image"
         uid = sh(podman, "exec", name, "id", "-u").stdout.strip()
         assert uid == "10001"  # non-root
         inspect = json.loads(sh(podman, "inspect", image).stdout)[0]

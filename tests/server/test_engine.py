@@ -1,7 +1,9 @@
 """The engine on its own thread, driven through submit() and its event streams."""
 
 import asyncio
+import os
 import shutil
+import time
 
 import pytest
 
@@ -89,3 +91,19 @@ def test_warm_up_compiles_every_shape_serving_uses(tiny_lm):
         assert counters["stats"]["unique_graphs"] == compiled
     finally:
         runner.llm.compile_pointwise(False)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX priorities")
+def test_the_vision_thread_runs_at_the_niceness_asked_and_the_engine_thread_does_not(tiny_lm):
+    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=128), max_batch_size=2, vision_nice=7)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    engine.start()
+    try:
+        assert _run(engine, [[1, 5, 6, 7]], 3)[0]  # the engine still serves
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, engine._vision_thread.native_id) != min(19, base + 7):
+            assert time.monotonic() < deadline, "the vision thread's niceness never changed"
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, engine._thread.native_id) == base
+    finally:
+        engine.stop()
