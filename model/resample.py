@@ -140,14 +140,25 @@ if numba is not None:
 
 
 def _rgbx_rows(image: Image.Image, top: int, bottom: int) -> np.ndarray:
-    """Rows top..bottom of an RGB image as [rows, W, 4] uint8, straight from Pillow's RGBX storage
-    (one memcpy-like pass; `np.asarray(image)` repacks to RGB and is several times slower)."""
-    encoder = Image._getencoder("RGB", "raw", ("RGBX", 0, 1))
-    encoder.setimage(image.im, (0, top, image.width, bottom))
-    size = (bottom - top) * image.width * 4
-    _, status, data = encoder.encode(size)
-    if status != 1:  # not the whole strip in one call
-        raise RuntimeError(f"raw encoder returned {status}")
+    """Rows top..bottom of an RGB image as [rows, W, 4] uint8 (the 4th byte unused)."""
+    rows = _rgbx_from_storage(image, top, bottom)
+    if rows is None:  # Pillow's internals changed: the public (slower) conversion, same pixels
+        rows = np.asarray(image.crop((0, top, image.width, bottom)).convert("RGBA"))
+    return rows
+
+
+def _rgbx_from_storage(image: Image.Image, top: int, bottom: int) -> np.ndarray | None:
+    """The rows straight from Pillow's RGBX storage through its raw encoder (not public API): one
+    memcpy-like pass, where `np.asarray(image)` repacks to RGB through 16 KB chunks and costs ~80 ms
+    on a 12 MP photo. None if that encoder is not there or not as expected."""
+    try:
+        encoder = Image._getencoder("RGB", "raw", ("RGBX", 0, 1))
+        encoder.setimage(image.im, (0, top, image.width, bottom))
+        _, status, data = encoder.encode((bottom - top) * image.width * 4)
+    except (AttributeError, TypeError, ValueError, OSError):
+        return None
+    if status != 1 or len(data) != (bottom - top) * image.width * 4:  # not the whole strip at once
+        return None
     return np.frombuffer(data, np.uint8).reshape(bottom - top, image.width, 4)
 
 

@@ -65,3 +65,12 @@ def test_weights_sum_to_one_in_fixed_point():
 def test_non_rgb_is_refused():
     with pytest.raises(ValueError, match="RGB"):
         resize_many(Image.new("L", (10, 10)), [(5, 5)])
+
+
+def test_without_pillows_raw_encoder_the_public_conversion_gives_the_same_pixels(monkeypatch):
+    img = _random_image(np.random.default_rng(4), 333, 251)
+    sizes = [(336, 336), (120, 90)]
+    fast = resize_many(img, sizes)
+    monkeypatch.setattr(resample, "_rgbx_from_storage", lambda *args: None)
+    for a, b, size in zip(resize_many(img, sizes), fast, sizes):
+        assert np.array_equal(a, b) and np.array_equal(a, _pillow(img, size))
