@@ -72,7 +72,6 @@ def bicubic_weights(in_size: int, out_size: int) -> Weights:
     return Weights(first.astype(np.int32), count.astype(np.int32), taps.astype(np.int32))
 
 
-
 def _jit(fn):
     """Compiled without the GIL; cached on disk (`NUMBA_CACHE_DIR`, else beside this file or in the
     user's cache) so that a restart loads the kernels in well under a second instead of compiling
@@ -85,6 +84,8 @@ def _jit(fn):
 
 
 if numba is not None:
+    # The sums below are Pillow's: they start at half of 2^22 (rounding), and every partial sum
+    # fits an int32 as in its C loops (numba widens each product to int64; the stores narrow).
 
     @_jit
     def _sideways(strip, buf):  # pragma: no cover - compiled
@@ -173,6 +174,8 @@ def resize_many(image: Image.Image, sizes: list[tuple[int, int]], pool: Executor
     `[H', W', 3]` uint8 arrays. With `pool`, the work is split into `parts` row ranges."""
     if image.mode != "RGB":
         raise ValueError(f"resize_many takes RGB images, got {image.mode}")
+    if not sizes:
+        return []
     width, height = image.size
     # Pillow resamples photos over 100x taller than wide vertically first (from Python): leave
     # those rare shapes to Pillow itself rather than track its version's pass order.
@@ -221,7 +224,7 @@ def resize_many(image: Image.Image, sizes: list[tuple[int, int]], pool: Executor
         for a, b in _split(h, parts):
             jobs.append((mid, a, b, first, vert.count, vert.taps, out))
         outs.append(out)
-    _run(pool, lambda *job: _vertical(*job), jobs)
+    _run(pool, _vertical, jobs)
     return outs
 
 

@@ -1,7 +1,8 @@
 """SliME's image slicing: grid choice, global view, local tiles and token counts (spec section 2).
 
-PIL, numpy and the compiled resampler (`resample.py`): no torch, no model. The token-count functions here are what the scheduler uses
-before any GPU work, so they must agree with what the model produces (tests check that).
+PIL, numpy and the compiled resampler (`resample.py`): no torch, no model. The token-count
+functions here are what the scheduler uses before any GPU work, so they must agree with what the
+model produces (tests check that).
 """
 
 from __future__ import annotations
