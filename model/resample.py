@@ -88,6 +88,18 @@ if numba is not None:
     # fits an int32 as in its C loops (numba widens each product to int64; the stores narrow).
 
     @_jit
+    def _weighted_rows(acc, rows, start, count, taps):  # pragma: no cover - compiled
+        """acc[:] = 2^21 + sum_k taps[k] * rows[start + k, :len(acc)] (rows of uint8; SIMD along j)."""
+        n = acc.shape[0]
+        for j in range(n):
+            acc[j] = np.int32(1 << (PRECISION_BITS - 1))
+        for k in range(count):
+            w = taps[k]
+            src = rows[start + k]
+            for j in range(n):
+                acc[j] += w * np.int32(src[j])
+
+    @_jit
     def _sideways(strip, buf):  # pragma: no cover - compiled
         """[rows, W, 4] RGBX -> buf[:W, :rows*3]: buf[x, 3r + c] = strip[r, x, c]."""
         rows, width = strip.shape[0], strip.shape[1]
@@ -101,18 +113,9 @@ if numba is not None:
     @_jit
     def _horizontal(buf, rows, first, count, taps, out, out_row):  # pragma: no cover - compiled
         """One strip's horizontal pass: out[out_row + r, i, c] from buf (see `_sideways`)."""
-        n = rows * 3
-        acc = np.empty(n, np.int32)
-        half = np.int32(1 << (PRECISION_BITS - 1))
+        acc = np.empty(rows * 3, np.int32)
         for i in range(first.shape[0]):
-            for j in range(n):
-                acc[j] = half
-            x0 = first[i]
-            for k in range(count[i]):
-                w = taps[i, k]
-                src = buf[x0 + k]
-                for j in range(n):
-                    acc[j] += w * np.int32(src[j])
+            _weighted_rows(acc, buf, first[i], count[i], taps[i])
             for r in range(rows):
                 for c in range(3):
                     v = acc[3 * r + c] >> PRECISION_BITS
@@ -125,16 +128,8 @@ if numba is not None:
         flat = src.reshape(src.shape[0], n)
         dst = out.reshape(out.shape[0], n)
         acc = np.empty(n, np.int32)
-        half = np.int32(1 << (PRECISION_BITS - 1))
         for i in range(lo, hi):
-            for j in range(n):
-                acc[j] = half
-            y0 = first[i]
-            for k in range(count[i]):
-                w = taps[i, k]
-                row = flat[y0 + k]
-                for j in range(n):
-                    acc[j] += w * np.int32(row[j])
+            _weighted_rows(acc, flat, first[i], count[i], taps[i])
             for j in range(n):
                 v = acc[j] >> PRECISION_BITS
                 dst[i, j] = 0 if v < 0 else (255 if v > 255 else v)
