@@ -356,10 +356,21 @@ class Engine:
             return
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
+        # Count every sequence's token before freeing any slot: freeing one moves the batch's last
+        # sequence into it, and the move copies `length` positions, which must include the entry
+        # this step just wrote for it.
+        finished = []
         for s, t, info in zip(seqs, tokens, infos):
-            self._append(s, t, info)
+            finish = self._append(s, t, info, release=False)
+            if finish:
+                finished.append((s, finish))
+        for s, finish in finished:
+            self._release(s)
+            self._record_finish(s, finish)
 
-    def _append(self, seq: Sequence, token: int, info, images=None) -> None:
+    def _append(self, seq: Sequence, token: int, info, images=None, release: bool = True) -> str | None:
+        """Record a sampled token and emit its event; returns the finish reason, if any. With
+        `release`, a finished sequence frees its slot here; else the caller does it."""
         now = time.monotonic()
         req = seq.request
         seq.output_ids.append(token)
@@ -384,9 +395,10 @@ class Engine:
         event = Event(token_ids=[token], text=text, logprobs=[info] if info else [], finish_reason=finish,
                       prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids), images=images)
         self._emit(req.request_id, event)
-        if finish:
+        if finish and release:
             self._release(seq)
             self._record_finish(seq, finish)
+        return finish
 
     def _release(self, seq: Sequence) -> None:
         self._by_id.pop(seq.request.request_id, None)

@@ -1,6 +1,7 @@
 """`--engine-process`: the engine in its own process, driven through the real server and client."""
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -164,3 +165,41 @@ def test_recorded_metric_updates_replay_into_the_registry():
     assert real.running._value.get() == 2
     assert real.image_tokens.labels("global")._value.get() == 576
     assert real.batch_size._sum.get() == 3
+
+
+def _answer(url: str, body: dict) -> tuple[int, dict]:
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    data = r.json()
+    if r.status_code != 200:
+        return r.status_code, {"type": data["error"]["type"], "param": data["error"].get("param")}
+    return 200, {"choices": data["choices"], "usage": data["usage"]}
+
+
+def test_answers_match_the_in_process_engine_feature_by_feature(ep, server):
+    """Stop strings, n with seeds, logprobs, streaming and errors: the same answers either way."""
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story about a cat."}]}
+    _, greedy = _answer(server.url, {**base, "max_tokens": 24, "temperature": 0})
+    text = greedy["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 4
+    stop = words[len(words) // 2]  # a stop string that occurs mid-answer
+    bodies = [
+        {**base, "max_tokens": 24, "temperature": 0, "stop": [stop]},
+        {**base, "max_tokens": 8, "temperature": 0.9, "seed": 7, "n": 2, "logprobs": True, "top_logprobs": 2},
+        {**base, "max_tokens": 6, "temperature": 0, "frequency_penalty": 1.5},
+        {**base, "max_tokens": 4096, "temperature": 0},  # prompt plus max_tokens exceed the context
+        {**base, "max_tokens": 5, "n": 99},  # beyond --max-n
+    ]
+    for body in bodies:
+        assert _answer(ep.url, body) == _answer(server.url, body), body
+    stopped = _answer(ep.url, bodies[0])[1]["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stop not in stopped["message"]["content"]
+
+    def streamed(url):
+        body = {**bodies[0], "stream": True}
+        lines = stream_lines(url, body, after=-1, then=lambda: None)
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), \
+            [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+
+    assert streamed(ep.url) == streamed(server.url) == (stopped["message"]["content"], "stop")
