@@ -138,3 +138,35 @@ def test_a_sequence_moved_when_an_earlier_one_finishes_keeps_its_newest_cache_en
     # a and b share the first steps' batch; a ends first and c (the last) moves into its slot
     got = run([a, b, c], [3, 10, 12])
     assert got[1] == alone_b and got[2] == alone_c
+
+
+def test_every_request_decodes_as_alone_under_churn(tiny_lm):
+    # Arrivals, chunked prefills, finishes at different steps, queueing for slots and the slot
+    # moves all of that causes: each request's tokens and logprobs must be what it gets alone.
+    import random
+
+    rng = random.Random(11)
+    reqs = [([1] + [rng.randrange(5, 250) for _ in range(rng.randrange(3, 70))], rng.randrange(1, 14))
+            for _ in range(10)]
+
+    def run(batch, delays):
+        engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=128), max_batch_size=4, prefill_chunk=24)
+        engine.start()
+        try:
+            async def one(i, ids, n, delay):
+                await asyncio.sleep(delay)
+                stream = engine.submit(EngineRequest(f"r{i}", ids, [], SamplingParams(
+                    max_tokens=n, temperature=0, ignore_eos=True, logprobs=True), len(ids)))
+                return [(t, lp.logprob) async for ev in stream for t, lp in zip(ev.token_ids, ev.logprobs)]
+
+            async def main():
+                return await asyncio.gather(*(one(i, ids, n, d) for i, ((ids, n), d) in enumerate(zip(batch, delays))))
+
+            return asyncio.run(main())
+        finally:
+            engine.stop()
+
+    alone = [run([r], [0])[0] for r in reqs]
+    for _ in range(2):
+        delays = [rng.choice([0, 0, 0.002, 0.005, 0.01]) for _ in reqs]
+        assert run(reqs, delays) == alone
