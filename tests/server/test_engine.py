@@ -146,21 +146,24 @@ def test_every_request_decodes_as_alone_under_churn(tiny_lm):
     import random
 
     rng = random.Random(11)
-    reqs = [([1] + [rng.randrange(5, 250) for _ in range(rng.randrange(3, 70))], rng.randrange(1, 14))
-            for _ in range(10)]
+    # greedy, and seeded sampling with and without penalties (each request keeps its own state)
+    reqs = [([1] + [rng.randrange(5, 250) for _ in range(rng.randrange(3, 70))],
+             SamplingParams(max_tokens=rng.randrange(1, 14), ignore_eos=True, logprobs=True,
+                            **({"temperature": 0} if i % 3 == 0 else
+                               {"temperature": 0.8, "seed": i, "top_p": 0.9, "frequency_penalty": 0.5 * (i % 2)})))
+            for i in range(10)]
 
     def run(batch, delays):
         engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=128), max_batch_size=4, prefill_chunk=24)
         engine.start()
         try:
-            async def one(i, ids, n, delay):
+            async def one(i, ids, params, delay):
                 await asyncio.sleep(delay)
-                stream = engine.submit(EngineRequest(f"r{i}", ids, [], SamplingParams(
-                    max_tokens=n, temperature=0, ignore_eos=True, logprobs=True), len(ids)))
+                stream = engine.submit(EngineRequest(f"r{i}", ids, [], params, len(ids)))
                 return [(t, lp.logprob) async for ev in stream for t, lp in zip(ev.token_ids, ev.logprobs)]
 
             async def main():
-                return await asyncio.gather(*(one(i, ids, n, d) for i, ((ids, n), d) in enumerate(zip(batch, delays))))
+                return await asyncio.gather(*(one(i, ids, p, d) for i, ((ids, p), d) in enumerate(zip(batch, delays))))
 
             return asyncio.run(main())
         finally:
