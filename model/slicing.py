@@ -84,13 +84,14 @@ def count_image_tokens(width: int, height: int, *, num_patches: int = 576, local
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_WORKERS = max(2, min(4, os.cpu_count() or 2))
 _PARALLEL_MIN_PIXELS = 1_000_000  # below this, threads cost more than they save
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="slime-resize")
+        _POOL = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="slime-resize")
     return _POOL
 
 
@@ -99,8 +100,7 @@ def resize(image: Image.Image, sizes: list[tuple[int, int]], parallel: bool = Tr
     split over the resize threads for large photos (the kernels release the GIL)."""
     if not parallel or image.width * image.height < _PARALLEL_MIN_PIXELS:
         return resize_many(image, sizes)
-    pool = _pool()
-    return resize_many(image, sizes, pool, pool._max_workers)
+    return resize_many(image, sizes, _pool(), _POOL_WORKERS)
 
 
 def slice_image(image: Image.Image, *, view_size: int = VIEW_SIZE,
