@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import time
 
 import httpx
@@ -203,3 +204,18 @@ def test_answers_match_the_in_process_engine_feature_by_feature(ep, server):
             [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
 
     assert streamed(ep.url) == streamed(server.url) == (stopped["message"]["content"], "stop")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread priorities from Linux /proc")
+def test_the_engine_process_vision_thread_runs_at_the_configured_niceness(ep):
+    # --vision-nice crosses into the engine process: its vision thread alone runs at +10.
+    pid = ep.state.engine.process.pid
+    base = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+    nices = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            nices.append(int(open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16]))
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    assert Settings().vision_nice == 10
+    assert nices.count(min(19, base + 10)) == 1 and nices.count(base) == len(nices) - 1, nices
