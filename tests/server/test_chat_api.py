@@ -146,27 +146,32 @@ def test_streamed_n_choices_each_complete(client):
 
 def test_sixteen_concurrent_streams_equal_their_solo_runs(aclient, tiny_lm, ironing, waterview):
     images = [(ironing if i % 2 else waterview).resize((300 + 37 * i, 200 + 23 * i)) for i in range(16)]
-    refs = [solo(tiny_lm, [img], n=10) for img in images]
+    # Different lengths: streams finish at different steps, and the batch's slots move under the rest.
+    lengths = [4 + (5 * i) % 13 for i in range(16)]
+    refs = [solo(tiny_lm, [img], n=n) for img, n in zip(images, lengths)]
 
-    async def one(img):
+    async def one(img, n):
         stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[image_message(QUESTION, data_url(img))], max_tokens=10, temperature=0,
-            stream=True, stream_options={"include_usage": True})
-        text, usage = [], None
+            model=MODEL, messages=[image_message(QUESTION, data_url(img))], max_tokens=n, temperature=0,
+            logprobs=True, stream=True, stream_options={"include_usage": True})
+        text, logprobs, usage = [], [], None
         async for c in stream:
             if c.choices:
                 text.append(c.choices[0].delta.content or "")
+                logprobs += [t.logprob for t in (c.choices[0].logprobs.content if c.choices[0].logprobs else [])]
             if c.usage:
                 usage = c.usage
-        return "".join(text), usage
+        return "".join(text), logprobs, usage
 
     async def main():
-        return await asyncio.gather(*(one(img) for img in images))
+        alone = [await one(img, n) for img, n in zip(images, lengths)]
+        return alone, await asyncio.gather(*(one(img, n) for img, n in zip(images, lengths)))
 
-    results = asyncio.run(main())
-    for (text, usage), ref in zip(results, refs):
+    alone, results = asyncio.run(main())
+    for (text, logprobs, usage), (_, solo_logprobs, _), ref, n in zip(results, alone, refs, lengths):
         assert text.rstrip() == ref.text
-        assert usage.prompt_tokens == ref.prompt_tokens
+        assert usage.prompt_tokens == ref.prompt_tokens and usage.completion_tokens == n
+        assert logprobs == solo_logprobs  # bit for bit: CPU decoding is batch-invariant
 
 
 def test_models_health_ready_metrics(server, client, small_ironing):
