@@ -109,34 +109,40 @@ def test_the_vision_thread_runs_at_the_niceness_asked_and_the_engine_thread_does
         engine.stop()
 
 
+def _decode(tiny_lm, batch, delays=None, prefill_chunk=512) -> list[list[tuple[int, float]]]:
+    """Run [(prompt ids, SamplingParams)] through a 4-slot engine, request i submitted after
+    delays[i] seconds; -> each request's [(token, logprob)]."""
+    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=128), max_batch_size=4,
+                    prefill_chunk=prefill_chunk)
+    engine.start()
+    try:
+        async def one(i, ids, params, delay):
+            await asyncio.sleep(delay)
+            stream = engine.submit(EngineRequest(f"r{i}", ids, [], params, len(ids)))
+            return [(t, lp.logprob) async for ev in stream for t, lp in zip(ev.token_ids, ev.logprobs)]
+
+        async def main():
+            return await asyncio.gather(*(one(i, ids, p, d) for i, ((ids, p), d)
+                                          in enumerate(zip(batch, delays or [0] * len(batch)))))
+
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
 def test_a_sequence_moved_when_an_earlier_one_finishes_keeps_its_newest_cache_entry(tiny_lm):
     # Finishing a sequence moves the batch's last one into its slot. That must happen after the
     # last one's token of the same step is counted, or the cache entry that step wrote is left
     # behind and every later token of the moved sequence reads a stale key.
-    def run(prompts, max_tokens):
-        engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=128), max_batch_size=4, prefill_chunk=512)
-        engine.start()
-        try:
-            async def main():
-                streams = [engine.submit(EngineRequest(f"r{i}", ids, [], SamplingParams(
-                    max_tokens=n, temperature=0, ignore_eos=True, logprobs=True), len(ids)))
-                    for i, (ids, n) in enumerate(zip(prompts, max_tokens))]
-
-                async def collect(stream):
-                    return [(t, lp.logprob) async for ev in stream for t, lp in zip(ev.token_ids, ev.logprobs)]
-
-                return await asyncio.gather(*(collect(s) for s in streams))
-
-            return asyncio.run(main())
-        finally:
-            engine.stop()
+    def greedy(n):
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=True)
 
     a = [1] + [(7 * j) % 180 + 5 for j in range(20)]
     b = [1] + [(13 * j) % 190 + 9 for j in range(30)]
     c = [1] + [(5 * j) % 170 + 11 for j in range(25)]
-    alone_b, alone_c = run([b], [10])[0], run([c], [12])[0]
+    alone_b, alone_c = _decode(tiny_lm, [(b, greedy(10))])[0], _decode(tiny_lm, [(c, greedy(12))])[0]
     # a and b share the first steps' batch; a ends first and c (the last) moves into its slot
-    got = run([a, b, c], [3, 10, 12])
+    got = _decode(tiny_lm, [(a, greedy(3)), (b, greedy(10)), (c, greedy(12))])
     assert got[1] == alone_b and got[2] == alone_c
 
 
@@ -154,20 +160,7 @@ def test_every_request_decodes_as_alone_under_churn(tiny_lm):
             for i in range(10)]
 
     def run(batch, delays):
-        engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=128), max_batch_size=4, prefill_chunk=24)
-        engine.start()
-        try:
-            async def one(i, ids, params, delay):
-                await asyncio.sleep(delay)
-                stream = engine.submit(EngineRequest(f"r{i}", ids, [], params, len(ids)))
-                return [(t, lp.logprob) async for ev in stream for t, lp in zip(ev.token_ids, ev.logprobs)]
-
-            async def main():
-                return await asyncio.gather(*(one(i, ids, p, d) for i, ((ids, p), d) in enumerate(zip(batch, delays))))
-
-            return asyncio.run(main())
-        finally:
-            engine.stop()
+        return _decode(tiny_lm, batch, delays, prefill_chunk=24)
 
     alone = [run([r], [0])[0] for r in reqs]
     for _ in range(2):
