@@ -68,9 +68,19 @@ def build_engine(settings: Settings, metrics):
                          compile_pointwise=settings.compile)
     engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
                     metrics=metrics, vision_nice=settings.vision_nice)
+    if settings.fault_hook:
+        engine.fault_hook = _import_object(settings.fault_hook)
     runner.warm_up()
     log.info("model %s loaded in %.1fs", path, lm.stats["load_seconds"])
     return lm, engine
+
+
+def _import_object(spec: str):
+    """'package.module:name' -> the object."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_service(settings: Settings, metrics: Metrics):

@@ -291,6 +291,8 @@ class ChatService:
             async for i, ev in events:
                 if ev.error is not None:
                     err = APIError(ev.error_status, ev.error, type=ev.error_type)
+                    if self.metrics:  # the status line went out long ago: count it here
+                        self.metrics.errors.labels(err.type, str(err.status)).inc()
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                     yield "data: [DONE]\n\n"
                     return

@@ -27,8 +27,9 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    # --drain-timeout 0 cancels running requests at once (uvicorn waits forever only on None).
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=int(settings.port), log_level=settings.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout) or None,
+                            access_log=False, timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
                             log_config=None)
     _DrainingServer(config, app.state.slime).run()

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     vision_nice: int = Field(10, ge=0, le=19, description="niceness added to the vision thread (Linux; 0: none): "
                              "decode steps get the CPU before new requests' image encoding")
     vision_cache_mb: int = Field(256, ge=0, description="vision-feature cache size (0: off)")
+    fault_hook: str | None = Field(None, description="testing only: 'module:function' called as f(stage, requests) "
+                                   "inside each engine stage; what it raises fails like a model error")
     # request limits
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit (413)")
     max_images_per_request: int = Field(8, ge=0, description="images in one request")

@@ -17,6 +17,19 @@ def photo(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def c_compiler() -> str:
+    """torch.compile on the CPU builds C++: the tests that compile need a compiler."""
+    import shutil
+
+    from tests.tools import missing_tool
+
+    cc = shutil.which("cc")
+    if cc is None:
+        missing_tool("torch.compile on the CPU needs a C compiler (apt-get install gcc)")
+    return cc
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from weights.make_tiny import make_tiny
 

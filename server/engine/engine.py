@@ -37,6 +37,17 @@ def dispatch(streams: dict, batch: list) -> None:
             pass
 
 
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread its OS name (Linux, 15 bytes), seen in `top -H` and /proc; threads it
+    starts (e.g. its OpenMP workers) inherit it, and its niceness."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def _lower_priority(nice: int) -> None:
     """Add `nice` to the calling thread's niceness (Linux schedules threads individually): when the
     cores are all busy, the engine thread's decode steps run first and this thread takes the rest."""
@@ -121,7 +132,10 @@ class Engine:
         self._stop = threading.Event()
         self.alive = False
         self.steps = 0
-        self.fault_injector = None  # tests: callable(stage) that may raise inside a step
+        # Tests: callable(stage, requests) called inside each model stage ("vision", "prefill",
+        # "decode", "sample") with the requests it serves; what it raises fails like a model error.
+        self.fault_hook = None
+        self._unattributed_failures = 0  # consecutive decode failures no request could be blamed for
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +211,7 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        _name_os_thread("slime-engine")
         try:
             self._run()
         finally:
@@ -236,6 +251,7 @@ class Engine:
         self._flush()
 
     def _vision_loop(self) -> None:
+        _name_os_thread("slime-vision")
         if self.vision_nice:
             _lower_priority(self.vision_nice)
         while True:
@@ -247,8 +263,7 @@ class Engine:
                 continue
             t0 = time.perf_counter()
             try:
-                if self.fault_injector:
-                    self.fault_injector("vision")
+                self._inject("vision", [req])
                 req.features = self.runner.encode(req.images)
                 req.vision_seconds = time.perf_counter() - t0
                 self._inbox.put(("vision_done", (req, None)))
@@ -318,8 +333,7 @@ class Engine:
                 seq.scheduled_time = time.monotonic()
                 if self.metrics:
                     self.metrics.queue_time.observe(seq.scheduled_time - req.arrival)
-                if self.fault_injector:
-                    self.fault_injector("prefill")
+                self._inject("prefill", [req])
                 t0 = time.perf_counter()
                 inline_vision = seq.request.features is None and bool(seq.request.images)
                 self.runner.begin(seq)
@@ -344,29 +358,93 @@ class Engine:
         self._append(seq, token, info, images=seq.state.images)
         return ran
 
+    # -- decode, with failures isolated to the sequences that cause them ---------------------------
+    def _inject(self, stage: str, requests: list[EngineRequest]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, requests)
+
+    def _forward(self, seqs: list[Sequence]):
+        self._inject("decode", [s.request for s in seqs])
+        return self.runner.forward(seqs)
+
+    def _sample(self, logits, seqs: list[Sequence]):
+        self._inject("sample", [s.request for s in seqs])
+        return self.runner.sample(logits, seqs)
+
     def _decode(self, seqs: list[Sequence]) -> None:
         try:
-            if self.fault_injector:
-                self.fault_injector("decode")
-            tokens, infos = self.runner.decode(seqs)
-        except Exception:  # noqa: BLE001
-            log.exception("decode step failed")
-            for s in seqs:
-                self._fail(s, "model error during decoding")
+            logits = self._forward(seqs)  # [B, V]
+        except Exception:  # noqa: BLE001 - find who caused it; the others decode again next step
+            log.exception("decode forward failed for a batch of %d", len(seqs))
+            culprit = self._forward_culprit(seqs)
+            if culprit is not None:
+                self._unattributed_failures = 0
+                self._fail(culprit, "model error during decoding")
+            else:
+                self._unattributed_failures += 1
+                if self._unattributed_failures >= 3:  # persistent and nobody's in particular: give up on all
+                    for s in seqs:
+                        self._fail(s, "model error during decoding")
             return
+        self._unattributed_failures = 0
+        rng = self.runner.rng_states(seqs)
+        try:
+            results = list(zip(*self._sample(logits, seqs)))
+        except Exception:  # noqa: BLE001 - sample each row alone: only the failing rows fail
+            log.exception("sampling failed for a batch of %d; sampling row by row", len(seqs))
+            self.runner.restore_rng_states(seqs, rng)
+            results = []
+            for i, s in enumerate(seqs):
+                try:
+                    tokens, infos = self._sample(logits[i:i + 1], [s])
+                    results.append((tokens[0], infos[0]))
+                except Exception:  # noqa: BLE001
+                    log.exception("sampling failed for %s", s.request.request_id)
+                    results.append(None)
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
         # Count every sequence's token before freeing any slot: freeing one moves the batch's last
         # sequence into it, and the move copies `length` positions, which must include the entry
         # this step just wrote for it.
-        finished = []
-        for s, t, info in zip(seqs, tokens, infos):
-            finish = self._append(s, t, info, release=False)
+        finished, failed = [], []
+        for s, result in zip(seqs, results):
+            if result is None:
+                failed.append(s)
+                continue
+            try:
+                finish = self._append(s, result[0], result[1], release=False)
+            except Exception:  # noqa: BLE001 - e.g. detokenising: this sequence only
+                log.exception("finishing the step failed for %s", s.request.request_id)
+                failed.append(s)
+                continue
             if finish:
                 finished.append((s, finish))
         for s, finish in finished:
             self._release(s)
             self._record_finish(s, finish)
+        for s in failed:
+            self._fail(s, "model error during decoding")
+
+    def _forward_culprit(self, seqs: list[Sequence]) -> Sequence | None:
+        """The sequence whose presence makes the decode forward fail: the last of the shortest
+        failing prefix of the batch (prefixes keep sequence i in slot i), found by bisection. A
+        forward rewrites the same cache entries a later successful one will, and samples nothing.
+        None when no prefix fails again (a transient failure)."""
+        def fails(k: int) -> bool:
+            try:
+                self._forward(seqs[:k])
+                return False
+            except Exception:  # noqa: BLE001
+                return True
+
+        lo, hi = 1, len(seqs)  # find the smallest failing k in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fails(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return seqs[lo - 1] if fails(lo) else None
 
     def _append(self, seq: Sequence, token: int, info, images=None, release: bool = True) -> str | None:
         """Record a sampled token and emit its event; returns the finish reason, if any. With

@@ -221,16 +221,34 @@ class ModelRunner:
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One batched forward: sequence i (in slot i) feeds its last token."""
+    def forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One batched forward (sequence i sits in slot i and feeds its last token) -> logits `[B, V]`."""
         last = [s.output_ids[-1] for s in seqs]
         positions = [s.prompt_len + len(s.output_ids) - 1 for s in seqs]
         if self.graphs is not None:
-            logits = self.graphs(last, positions)  # [B, V]
-        else:
-            hidden = self.llm.decode(self.llm.embed(torch.tensor(last, device=self.device)), positions, self.cache)
-            logits = self.llm.logits(hidden)
+            return self.graphs(last, positions)  # [B, V]
+        hidden = self.llm.decode(self.llm.embed(torch.tensor(last, device=self.device)), positions, self.cache)
+        return self.llm.logits(hidden)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits `[B, V]` -> one token per sequence (advances seeded generators and penalty counts)."""
         return sample(logits, [s.state.sampler for s in seqs])
+
+    def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        return self.sample(self.forward(seqs), seqs)
+
+    @staticmethod
+    def rng_states(seqs: list[Sequence]) -> list:
+        """The sampled sequences' generator states (~5 KB each on the CPU), to sample a step again
+        after a failure as if the failed attempt never ran."""
+        return [None if s.state.sampler.generator is None else s.state.sampler.generator.get_state() for s in seqs]
+
+    @staticmethod
+    def restore_rng_states(seqs: list[Sequence], states: list) -> None:
+        for s, state in zip(seqs, states):
+            if state is not None:
+                s.state.sampler.generator.set_state(state)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move_slot(src, dst, length)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.tools import missing_tool
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
@@ -16,7 +17,7 @@ VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 def tool(name: str, package: str) -> str:
     path = shutil.which(name) or (str(VENV_BIN / name) if (VENV_BIN / name).exists() else None)
     if path is None:
-        pytest.skip(f"{name} is missing: install {package} (make test-deploy installs it)")
+        missing_tool(f"{name} is missing: install {package} (make test-deploy installs it)")
     return path
 
 

@@ -1,8 +1,6 @@
 """Pointwise ops: the CUDA-friendly forms and the compiled kernels against the reference ops."""
 
-import shutil
 
-import pytest
 import torch
 
 from model.pointwise import PointwiseKernels, Rotary, add_rms_norm, rope
@@ -31,8 +29,7 @@ def test_add_rms_norm_carries_the_residual():
     assert torch.equal(add_rms_norm(x, None, w, 1e-6)[0], x)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
-def test_compiled_kernels_match_eager_in_the_decoder(tiny_lm):
+def test_compiled_kernels_match_eager_in_the_decoder(tiny_lm, c_compiler):
     """The whole LLM with compiled kernels (what CUDA serving runs) against the eager forward."""
     llm = tiny_lm.model.llm
     torch.manual_seed(0)

@@ -2,8 +2,12 @@ import pytest
 import torch
 
 from model.loading import LoadOptions, load_model
+from tests.tools import missing_tool
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the `quant` extra) is not installed")
+try:
+    import bitsandbytes as bnb  # noqa: F401 - the `quant` extra; the tests below need it
+except ImportError:
+    missing_tool("bitsandbytes (the `quant` extra) is not installed")
 
 
 def _logits(lm, embeds):

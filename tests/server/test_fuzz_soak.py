@@ -13,6 +13,7 @@ import pytest
 
 from server.settings import Settings
 from tests.server.conftest import LiveServer
+from tests.tools import missing_tool
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_schemathesis_finds_no_server_errors(tiny_dir, tmp_path):
     beside = Path(sys.executable).parent / "st"  # the venv's own, when PATH does not have it
     st = str(beside) if beside.exists() else shutil.which("st")
     if st is None:
-        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+        missing_tool("schemathesis is not installed (pip install -e '.[dev]')")
     s = LiveServer(Settings(model=str(tiny_dir), device="cpu", default_max_tokens=4, max_tokens_cap=8,
                             max_waiting_requests=1000)).start()
     try:

@@ -54,6 +54,35 @@ def test_sigterm_drains_running_requests_then_exits_zero(tiny_dir, engine):
             proc.kill()
 
 
+def test_drain_timeout_zero_stops_at_once_instead_of_waiting_forever(tiny_dir):
+    proc, url = start_server_process(tiny_dir, "--drain-timeout", "0", "--max-model-len", "16384",
+                                     "--max-tokens-cap", "16000", "--max-batch-size", "2")
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16000,
+                "ignore_eos": True, "stream": True}
+        started = threading.Event()
+
+        def consume():
+            try:
+                with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line:
+                            started.set()
+            except httpx.TransportError:  # cut off: expected
+                pass
+
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        assert started.wait(30)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 10  # 16,000 tokens would take far longer
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _children(pid: int) -> list[int]:
     import psutil
 
