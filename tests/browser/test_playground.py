@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import ROOT, photo
 from tests.server.conftest import LiveServer
+from tests.tools import missing_tool
 
 pytestmark = pytest.mark.browser
 
@@ -28,8 +29,11 @@ def site(tiny_dir):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not CHROMIUM or not DRIVER:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+        missing_tool("Debian's chromium and chromium-driver are not installed (make browser-deps)")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing_tool("selenium is not installed (pip install -e '.[dev]')")
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()

@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import shutil
 import time
 
 import pytest
@@ -69,8 +68,7 @@ def test_warm_up_falls_back_to_eager_kernels_when_compiling_fails(tiny_lm, monke
     assert not runner.llm.kernels.compiled and runner.llm.kernels.add_rms_norm is not broken
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
-def test_warm_up_compiles_every_shape_serving_uses(tiny_lm):
+def test_warm_up_compiles_every_shape_serving_uses(tiny_lm, c_compiler):
     """With compiled kernels (CUDA's default; here on the CPU) no request may pay for a compile:
     warm-up covers prefill chunks, batch-1 and batched decode (an expanded, stride-0 warm-up
     batch once left a compile for the first batched step)."""
