@@ -164,3 +164,86 @@ def test_every_request_decodes_as_alone_under_churn(tiny_lm):
     for _ in range(2):
         delays = [rng.choice([0, 0, 0.002, 0.005, 0.01]) for _ in reqs]
         assert run(reqs, delays) == alone
+
+
+def _blocking_hook(stage_to_block: str):
+    """A fault hook that holds the engine (or vision) thread in `stage_to_block` until released."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(stage, requests):
+        if stage == stage_to_block:
+            entered.set()
+            assert release.wait(10)
+
+    return hook, entered, release
+
+
+def _idle(engine: Engine) -> bool:
+    s = engine.scheduler
+    return (engine.num_requests == 0 and engine.in_vision == 0 and s.num_running == 0 and not s.waiting
+            and len(s._free) == s.num_slots and not engine._by_id)
+
+
+def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(tiny_lm, ironing):
+    from model.processor import prepare_image
+
+    image = prepare_image(ironing.resize((400, 300)), tiny_lm.cfg, "d1", norm=tiny_lm.image_norm)
+    ids = [1, 5, -200, 6, 7]
+    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=2048), max_batch_size=2)
+    hook, entered, release = _blocking_hook("vision")
+    engine.fault_hook = hook
+    engine.start()
+    try:
+        async def main():
+            stream = engine.submit(EngineRequest("img", ids, [image], SamplingParams(max_tokens=4, temperature=0),
+                                                 2000))
+            assert await asyncio.to_thread(entered.wait, 10)  # in the vision stage now
+            await stream.aclose()  # the client went away
+            steps = engine.steps
+            release.set()
+            deadline = time.monotonic() + 10
+            while not _idle(engine):
+                assert time.monotonic() < deadline, "the aborted request was never cleaned up"
+                await asyncio.sleep(0.01)
+            assert engine.steps == steps  # its features were dropped, never prefilled
+            engine.fault_hook = None
+            return [t async for ev in engine.submit(EngineRequest("next", [1, 5, 6], [], SamplingParams(
+                max_tokens=3, temperature=0, ignore_eos=True), 3)) for t in ev.token_ids]
+
+        assert len(asyncio.run(main())) == 3
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_an_abort_during_a_chunked_prefill_frees_the_slot_mid_prompt(tiny_lm):
+    prompt = [1] + [(7 * j) % 200 + 5 for j in range(199)]  # 200 positions: 13 chunks of 16
+    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=512), max_batch_size=2, prefill_chunk=16)
+    chunks = []
+    run_chunk = engine.runner.prefill_chunk
+    engine.runner.prefill_chunk = lambda seq, n: chunks.append(seq.request.request_id) or run_chunk(seq, n)
+    hook, entered, release = _blocking_hook("prefill")
+    engine.fault_hook = hook
+    engine.start()
+    try:
+        async def main():
+            stream = engine.submit(EngineRequest("long", prompt, [], SamplingParams(max_tokens=4, temperature=0),
+                                                 len(prompt)))
+            assert await asyncio.to_thread(entered.wait, 10)  # admitted: its first chunk is next
+            await stream.aclose()
+            release.set()
+            deadline = time.monotonic() + 10
+            while not _idle(engine):
+                assert time.monotonic() < deadline, "the aborted prefill kept its slot"
+                await asyncio.sleep(0.01)
+            engine.fault_hook = None
+            return [t async for ev in engine.submit(EngineRequest("next", prompt[:20], [], SamplingParams(
+                max_tokens=3, temperature=0, ignore_eos=True), 20)) for t in ev.token_ids]
+
+        assert len(asyncio.run(main())) == 3
+    finally:
+        release.set()
+        engine.stop()
+    assert 1 <= chunks.count("long") < 13  # stopped mid-prompt
