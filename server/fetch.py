@@ -1,105 +1,260 @@
 """Fetching http(s) image URLs without becoming an SSRF proxy.
 
-The URL is parsed once, by httpx (the library that fetches it); the host is resolved once and
-every address checked (no loopback, private, link-local, metadata, multicast or reserved ranges);
-the connection goes to the checked address (Host header and TLS SNI keep the name); redirects are
-followed by hand, each hop checked again; the body is capped while it streams in.
+The URL is parsed once, by httpx (the library that fetches it). The host is normalised (IPv4 in any
+spelling a resolver accepts, IPv6 with its embedded IPv4) and, when it is a name, resolved once;
+every address is checked before any connection (no loopback, private, link-local, metadata,
+multicast, reserved or tunnel ranges). The connection goes to a checked address (Host header and TLS
+SNI keep the name), the next one only when connecting fails. Redirects are followed by hand, each hop
+checked again; the body is capped while it streams in; one deadline covers the whole fetch.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import socket
+import time
 from dataclasses import dataclass, field
 
 import httpx
 
 from .errors import APIError
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 @dataclass(frozen=True)
 class FetchPolicy:
     allowed_domains: tuple[str, ...] = ()  # empty: any public host
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds for the whole fetch: every hop, address and byte
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 3
-    allow_private: bool = False  # tests only: lets a loopback listener through the address guard
+    allow_private: bool = False  # testing only: turns the address guard off
     resolver: object = field(default=None, compare=False)  # callable(host, port) -> list[str]
+    allowed_networks: tuple[str, ...] = ()  # testing: ("127.0.0.0/8",) lets exactly loopback through
 
 
 def _refuse(message: str, param: str, code: str = "image_url_refused") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def _invalid(message: str, param: str) -> APIError:
+    return _refuse(message, param, code="invalid_image_url")
+
+
+# -- addresses ---------------------------------------------------------------------------------------
+# Ranges that is_global lets through or that differ between Python versions, plus IPv6 prefixes that
+# tunnel to IPv4 in ways not worth following (IPv4-compatible, local-use NAT64, Teredo: its client
+# address is obfuscated and its server a relay, so the whole prefix is refused).
+_BLOCKED = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15", "240.0.0.0/4",
+    "255.255.255.255/32", "::/96", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32", "fc00::/7",
+    "fe80::/10", "fec0::/10", "ff00::/8"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: the low 32 bits are the IPv4 target
+
+
+def address_allowed(addr: IPAddress) -> bool:
+    """A globally routable unicast address. IPv6 that embeds IPv4 is judged by the IPv4 it reaches."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id:
+            return False
+        if addr.ipv4_mapped is not None:
+            return address_allowed(addr.ipv4_mapped)
+        if addr in _NAT64:
+            return address_allowed(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+        if addr.sixtofour is not None and not address_allowed(addr.sixtofour):
+            return False
+    if any(addr in net for net in _BLOCKED):
+        return False
+    return addr.is_global and not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
+                                    or addr.is_reserved or addr.is_unspecified
+                                    or getattr(addr, "is_site_local", False))
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(specs: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(s) for s in specs)
+
+
+def _permitted(addr: IPAddress, policy: FetchPolicy) -> bool:
+    return policy.allow_private or address_allowed(addr) or any(addr in n for n in _networks(policy.allowed_networks))
+
+
+# -- hosts -------------------------------------------------------------------------------------------
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)")
+_V4_PART = re.compile(r"0x(?P<hex>[0-9a-f]+)|0(?P<oct>[0-7]*)|(?P<dec>[1-9][0-9]*)")
+
+
+def _v4_part(part: str) -> int | None:
+    m = _V4_PART.fullmatch(part)
+    if not m:
+        return None
+    if m["dec"] is not None:
+        return int(m["dec"])
+    return int(m["hex"], 16) if m["hex"] is not None else int(m["oct"] or "0", 8)
+
+
+def ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
+    """The spellings inet_aton (and so getaddrinfo) reads as IPv4: one to four parts, each decimal,
+    0x hex or 0-led octal, the last one filling the remaining bytes (127.1, 0x7f000001, 0177.0.1)."""
+    parts = host.lower().split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    numbers = [_v4_part(p) for p in parts]
+    if None in numbers:
+        return None
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (5 - len(parts)):
+        return None
+    value = 0
+    for n in head:
+        value = value << 8 | n
+    return ipaddress.IPv4Address(value << 8 * (5 - len(parts)) | last)
+
+
+def _host(url: httpx.URL, param: str) -> tuple[str, IPAddress | None]:
+    """(normalised host, its address when the host is an IP literal in any spelling)."""
+    host = url.raw_host.decode("ascii", "replace").lower()
+    if ":" in host:  # httpx accepts only a bracketed, valid IPv6 literal here
+        if "%" in host:
+            raise _refuse("zone ids in image URLs are not allowed", param)
+        try:
+            return host, ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _invalid(f"invalid IPv6 host {host!r}", param) from None
+    host = host[:-1] if host.endswith(".") else host  # one trailing dot names the same host
+    if not host or len(host) > 253 or not _NAME.fullmatch(host):
+        raise _invalid(f"invalid host {host!r} in image URL", param)
+    if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):  # ends in a number: an IPv4 address or nothing
+        addr = ipv4_literal(host)
+        if addr is None:
+            raise _invalid(f"invalid IPv4 host {host!r} in image URL", param)
+        return str(addr), addr
+    return host, None
+
+
 def _domain_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     if not allowed:
         return True
     host = host.lower().rstrip(".")
-    return any(host == d or host.endswith("." + d) for d in (a.lower().lstrip(".") for a in allowed))
+    return any(host == d or host.endswith("." + d) for d in (a.lower().strip(".") for a in allowed))
 
 
-def _address_ok(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_link_local)
-
-
-def _resolve(host: str, port: int, policy: FetchPolicy) -> list[str]:
-    if policy.resolver is not None:
-        return list(policy.resolver(host, port))  # type: ignore[operator]
+def _resolve(host: str, port: int, policy: FetchPolicy, param: str) -> list[IPAddress]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return list(dict.fromkeys(info[4][0] for info in infos))
+        if policy.resolver is not None:
+            found = list(policy.resolver(host, port))  # type: ignore[operator]
+        else:
+            found = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+        addresses = [ipaddress.ip_address(a) for a in dict.fromkeys(found)]
+    except (OSError, UnicodeError, ValueError):  # gaierror, an unencodable name, a resolver's non-address
+        addresses = []
+    if not addresses:
+        raise _refuse(f"cannot resolve {host!r}", param)
+    return addresses
 
 
-def fetch_image(url: str, policy: FetchPolicy, *, param: str) -> bytes:
-    current = httpx.URL(url)
-    for _hop in range(policy.max_redirects + 1):
-        if current.scheme not in ("http", "https"):
-            raise _refuse(f"scheme {current.scheme!r} is not allowed for image URLs", param)
-        host = current.host
-        if not host:
-            raise _refuse("image URL has no host", param)
-        if current.userinfo:
-            raise _refuse("credentials in image URLs are not allowed", param)
-        if not _domain_allowed(host, policy.allowed_domains):
-            raise _refuse(f"host {host!r} is not in the image URL allow-list", param)
-        port = current.port or (443 if current.scheme == "https" else 80)
-        addresses = _resolve(host, port, policy)
-        if not addresses:
-            raise _refuse(f"cannot resolve {host!r}", param)
-        if not policy.allow_private and not all(_address_ok(a) for a in addresses):
-            raise _refuse(f"host {host!r} resolves to a non-public address", param)
-        ip = addresses[0]
-        pinned = current.copy_with(host=ip)
-        headers = {"Host": current.netloc.decode("ascii"), "Accept": "image/*"}
-        extensions = {"sni_hostname": host} if current.scheme == "https" else {}
+@dataclass(frozen=True)
+class _Target:
+    host: str  # normalised: what the allow-list, the resolver and SNI see
+    addresses: tuple[IPAddress, ...]  # all checked, in the resolver's order
+
+
+def _target(url: httpx.URL, policy: FetchPolicy, param: str) -> _Target:
+    """Every check of one hop, in order, all before any connection."""
+    if url.scheme not in ("http", "https"):
+        raise _refuse(f"scheme {url.scheme!r} is not allowed for image URLs", param)
+    if url.userinfo:
+        raise _refuse("credentials in image URLs are not allowed", param)
+    if not url.raw_host:
+        raise _refuse("image URL has no host", param)
+    port = url.port if url.port is not None else (443 if url.scheme == "https" else 80)
+    if not 0 < port < 65536:
+        raise _invalid(f"invalid port {port} in image URL", param)
+    host, literal = _host(url, param)
+    if not _domain_allowed(host, policy.allowed_domains):
+        raise _refuse(f"host {host!r} is not in the image URL allow-list", param)
+    addresses = [literal] if literal is not None else _resolve(host, port, policy, param)
+    if not all(_permitted(a, policy) for a in addresses):  # one bad address refuses the whole name
+        what = "is not a public address" if literal is not None else "resolves to a non-public address"
+        raise _refuse(f"image URL host {host!r} {what}", param)
+    return _Target(host, tuple(addresses))
+
+
+# -- fetching ----------------------------------------------------------------------------------------
+def _parse(url: str, param: str, base: httpx.URL | None = None) -> httpx.URL:
+    try:
+        return base.join(url) if base is not None else httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):  # IDNA failures are UnicodeError, a ValueError
+        raise _invalid("malformed image URL", param) from None
+
+
+def _remaining(deadline: float, param: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _refuse("fetching the image URL timed out", param, code="image_url_failed")
+    return left
+
+
+def _dial_host(addr: IPAddress) -> str:
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return str(mapped or addr)  # a mapped address is dialled as the IPv4 it stands for
+
+
+def _read_capped(r: httpx.Response, policy: FetchPolicy, deadline: float, param: str) -> bytes:
+    declared = r.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+        raise _refuse("image at URL is too large", param, code="image_too_large")
+    chunks, size = [], 0
+    for chunk in r.iter_bytes():  # counted as it arrives: chunked bodies declare no length
+        size += len(chunk)
+        if size > policy.max_bytes:
+            raise _refuse("image at URL is too large", param, code="image_too_large")
+        _remaining(deadline, param)  # a slow drip must not outlast the deadline one read at a time
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _get(url: httpx.URL, addr: IPAddress, target: _Target, timeout: httpx.Timeout, policy: FetchPolicy,
+         deadline: float, param: str) -> bytes | httpx.URL:
+    """One GET to one checked address: the body, or where a redirect points."""
+    headers = {"Host": url.netloc.decode("ascii"), "Accept": "image/*", "Accept-Encoding": "identity"}
+    extensions = {"sni_hostname": target.host} if url.scheme == "https" else {}
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        with client.stream("GET", url.copy_with(host=_dial_host(addr)), headers=headers, extensions=extensions) as r:
+            if r.is_redirect:
+                return _parse(r.headers["location"], param, base=url)
+            if r.status_code != 200:
+                raise _refuse(f"image URL answered HTTP {r.status_code}", param, code="image_url_failed")
+            return _read_capped(r, policy, deadline, param)
+
+
+def _fetch_hop(url: httpx.URL, target: _Target, policy: FetchPolicy, deadline: float, param: str) -> bytes | httpx.URL:
+    """Addresses in the resolver's order; only a failed connect moves on to the next."""
+    for i, addr in enumerate(target.addresses):
+        left = _remaining(deadline, param)
+        timeout = httpx.Timeout(left, connect=left / (len(target.addresses) - i))  # leave time for the rest
         try:
-            with httpx.Client(timeout=policy.timeout, follow_redirects=False, trust_env=False) as client:
-                with client.stream("GET", pinned, headers=headers, extensions=extensions) as r:
-                    if r.is_redirect:
-                        location = r.headers.get("location")
-                        if not location:
-                            raise _refuse("redirect without a Location", param)
-                        current = current.join(location)
-                        continue
-                    if r.status_code != 200:
-                        raise _refuse(f"image URL answered HTTP {r.status_code}", param, code="image_url_failed")
-                    declared = r.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
-                        raise _refuse("image at URL is too large", param, code="image_too_large")
-                    chunks, size = [], 0
-                    for chunk in r.iter_bytes():
-                        size += len(chunk)
-                        if size > policy.max_bytes:
-                            raise _refuse("image at URL is too large", param, code="image_too_large")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+            return _get(url, addr, target, timeout, policy, deadline, param)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            continue
         except httpx.TimeoutException:
             raise _refuse("fetching the image URL timed out", param, code="image_url_failed") from None
         except httpx.HTTPError as e:
-            raise _refuse(f"fetching the image URL failed: {type(e).__name__}", param, code="image_url_failed") from None
+            raise _refuse(f"fetching the image URL failed: {type(e).__name__}", param,
+                          code="image_url_failed") from None
+    raise _refuse(f"cannot connect to {target.host!r}", param, code="image_url_failed")
+
+
+def fetch_image(url: str, policy: FetchPolicy, *, param: str) -> bytes:
+    deadline = time.monotonic() + policy.timeout
+    current = _parse(url, param)
+    for _hop in range(policy.max_redirects + 1):
+        result = _fetch_hop(current, _target(current, policy, param), policy, deadline, param)
+        if isinstance(result, bytes):
+            return result
+        current = result
     raise _refuse("too many redirects", param)
