@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
                           "finish_reason": result.finish_reason,
-                          "images": [r.to_dict() for r in result.images]}))
+                          "images": [{"grid": list(r.grid) if r.grid else None, "views": r.views,
+                                      "global_tokens": r.global_tokens, "local_tokens": r.local_tokens,
+                                      "local_kept": r.local_kept} for r in result.images]}))
     else:
         print(result.text)
     return 0

@@ -46,14 +46,6 @@ class ImageReport:
     local_kept: int
     kept_mask: tuple[bool, ...] | None = None  # per local token (raster order), when requested
 
-    def to_dict(self, with_mask: bool = False) -> dict:
-        d = {"grid": list(self.grid) if self.grid else None, "views": self.views,
-             "global_tokens": self.global_tokens, "local_tokens": self.local_tokens,
-             "local_kept": self.local_kept}
-        if with_mask and self.kept_mask is not None:
-            d["kept_mask"] = "".join("1" if k else "0" for k in self.kept_mask)
-        return d
-
 
 class SliMEForCausalLM(nn.Module):
     """A SliME (or plain LLaVA) checkpoint's modules, built from its config."""
@@ -129,7 +121,7 @@ class SliMEForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def image_rows(self, feats: ImageFeatures, text_embeds: torch.Tensor, num_images: int,
-                   *, with_mask: bool = False) -> tuple[torch.Tensor, ImageReport]:
+                   *, slime_selection: bool = False) -> tuple[torch.Tensor, ImageReport]:
         """Rows that replace one placeholder: `[global 576; separator 1; kept local k]` x D."""
         cfg = self.cfg
         if self.post_qformer is None or feats.local_rows is None:
@@ -143,7 +135,7 @@ class SliMEForCausalLM(nn.Module):
         keep = select_tokens(scores, topp=cfg.mm_resampler_topp, temp=cfg.mm_resampler_temp)
         kept = local[keep]
         mask = None
-        if with_mask:
+        if slime_selection:
             m = torch.zeros(local.shape[0], dtype=torch.bool)
             m[keep.cpu()] = True
             mask = tuple(m.tolist())
@@ -156,7 +148,7 @@ class SliMEForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def embed_prompt(self, input_ids: list[int], images: list[ImageFeatures], *,
-                     with_mask: bool = False) -> tuple[torch.Tensor, list[ImageReport]]:
+                     slime_selection: bool = False) -> tuple[torch.Tensor, list[ImageReport]]:
         """input_ids with -200 placeholders -> LLM input embeddings `[T, D]` and per-image reports."""
         slots = [i for i, t in enumerate(input_ids) if t == IMAGE_TOKEN_INDEX]
         if len(slots) != len(images):
@@ -177,7 +169,7 @@ class SliMEForCausalLM(nn.Module):
             n_text = slot - prev - 1
             parts.append(text_embeds[cursor:cursor + n_text])
             cursor += n_text
-            rows, report = self.image_rows(feats, select_text, num_pad, with_mask=with_mask)
+            rows, report = self.image_rows(feats, select_text, num_pad, slime_selection=slime_selection)
             parts.append(rows.to(text_embeds.dtype))
             reports.append(report)
             prev = slot

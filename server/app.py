@@ -40,69 +40,17 @@ class AppState:
         self.shutting_down = False
 
 
-def default_model_dir(settings: Settings) -> Path:
-    """The tiny demo checkpoint, created once under the cache directory."""
-    path = settings.cache_dir / "tiny-slime"
-    if not (path / "config.json").exists():
-        from weights.make_tiny import make_tiny
-
-        log.info("creating the tiny demo checkpoint at %s (its answers are random words)", path)
-        make_tiny(path)
-    return path
-
-
-def build_engine(settings: Settings, metrics):
-    """Load the model, build the runner and the engine (not started), warm up. -> (LoadedModel, Engine)"""
-    from model.loading import LoadOptions, load_model
-
-    from .engine.engine import Engine
-    from .engine.runner import ModelRunner
-
-    path = Path(settings.model) if settings.model else default_model_dir(settings)
-    lm = load_model(path, LoadOptions(device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
-                                      quantization=settings.quantization, allow_download=settings.allow_download,
-                                      attention=settings.attention))
-    runner = ModelRunner(lm, num_slots=settings.max_batch_size, max_model_len=settings.max_model_len,
-                         vision_cache_bytes=settings.vision_cache_mb * 1024 * 1024, cuda_graphs=settings.cuda_graphs,
-                         capture_all_graphs=settings.cuda_graph_capture == "startup",
-                         compile_pointwise=settings.compile)
-    engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=settings.prefill_chunk,
-                    metrics=metrics, vision_nice=settings.vision_nice)
-    if settings.fault_hook:
-        engine.fault_hook = _import_object(settings.fault_hook)
-    runner.warm_up()
-    log.info("model %s loaded in %.1fs", path, lm.stats["load_seconds"])
-    return lm, engine
-
-
-def _import_object(spec: str):
-    """'package.module:name' -> the object."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def build_service(settings: Settings, metrics: Metrics):
     """Load the model and start the engine, in this process or in its own (blocking; runs in a
-    worker thread). -> (ChatService, engine)"""
+    worker thread). -> (ChatService, EngineClient)"""
     from model.resample import warm_up as warm_up_resampler
 
     from .chat import ChatService
+    from .engine.factory import start_engine
 
     warm_up_resampler()  # image preprocessing runs here, in the API process: compile before serving
-    if settings.engine_process:
-        from model.loading import load_tokenizer
-
-        from .engine.process import EngineClient
-
-        path = Path(settings.model) if settings.model else default_model_dir(settings)
-        client = EngineClient(settings.model_copy(update={"model": str(path)}), metrics)
-        client.info.tokenizer = load_tokenizer(path)
-        return ChatService(settings, client.info, client, metrics), client
-    lm, engine = build_engine(settings, metrics)
-    engine.start()
-    return ChatService(settings, lm, engine, metrics), engine
+    engine = start_engine(settings.engine_config(), metrics.observe_engine)
+    return ChatService(settings, engine, metrics), engine
 
 
 def _error_response(err: APIError) -> JSONResponse:

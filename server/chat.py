@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from model.config import IMAGE_TOKEN_INDEX
-from model.loading import LoadedModel
 from model.processor import PreparedImage, prepare_image, tokenize_prompt
 from model.sampling import SamplingParams
 from model.templates import Message, build_prompt
 
-from .engine.engine import Engine, EngineDead
-from .engine.types import EngineRequest, Event
-from .errors import APIError, bad_request
+from .engine.interface import EngineClient, EngineDead
+from .engine.types import EngineRequest, ErrorKind, Event
+from .errors import APIError, bad_request, engine_error
 from .fetch import FetchPolicy
 from .media import image_bytes, open_image
 from .protocol import ChatCompletionRequest
@@ -45,7 +44,7 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, Event]]:
             async for ev in streams[0]:
                 yield 0, ev
         except Exception as e:  # noqa: BLE001
-            yield 0, Event(finish_reason="error", error=str(e))
+            yield 0, Event.failed(ErrorKind.MODEL_ERROR, str(e))
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -54,7 +53,7 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, Event]]:
             async for ev in stream:
                 await queue.put((i, ev))
         except Exception as e:  # noqa: BLE001
-            await queue.put((i, Event(finish_reason="error", error=str(e))))
+            await queue.put((i, Event.failed(ErrorKind.MODEL_ERROR, str(e))))
         finally:
             await stream.aclose()
             await queue.put((i, None))
@@ -75,14 +74,23 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, Event]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def image_report(r) -> dict:
+    """A model.modeling.ImageReport as the `slime` extension shows it."""
+    d = {"grid": list(r.grid) if r.grid else None, "views": r.views, "global_tokens": r.global_tokens,
+         "local_tokens": r.local_tokens, "local_kept": r.local_kept}
+    if r.kept_mask is not None:
+        d["kept_mask"] = "".join("1" if k else "0" for k in r.kept_mask)
+    return d
+
+
 class ChatService:
-    def __init__(self, settings: Settings, lm: LoadedModel, engine: Engine, metrics=None):
+    def __init__(self, settings: Settings, engine: EngineClient, metrics=None):
         self.settings = settings
-        self.lm = lm
+        self.lm = engine.info  # what preparation needs of the model (config, template, tokenizer)
         self.engine = engine
         self.metrics = metrics
         self.model_name = settings.model_id
-        self.template = lm.template if settings.chat_template == "auto" else settings.chat_template
+        self.template = engine.info.template if settings.chat_template == "auto" else settings.chat_template
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slime-prep")
         self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,
                                         settings.max_request_bytes, settings.image_url_max_redirects,
@@ -193,7 +201,7 @@ class ChatService:
             p = params if i == 0 else SamplingParams(**{**params.__dict__, "seed": None if params.seed is None
                                                         else params.seed + i})
             er = EngineRequest(f"{cid}-{i}", prepared.input_ids, prepared.images, p, prepared.max_prompt_tokens,
-                               with_selection=req.slime_selection)
+                               slime_selection=req.slime_selection)
             try:
                 streams.append(self.engine.submit(er))
             except EngineDead:
@@ -217,7 +225,7 @@ class ChatService:
     @staticmethod
     def _raise_for(event: Event) -> None:
         if event.error is not None:
-            raise APIError(event.error_status, event.error, type=event.error_type)
+            raise engine_error(event.error)
 
     async def complete(self, req: ChatCompletionRequest) -> dict:
         cid, streams = await self.start(req)
@@ -256,7 +264,7 @@ class ChatService:
 
     @staticmethod
     def _selection(images) -> dict:
-        return {"images": [r.to_dict(with_mask=True) for r in (images or [])]}
+        return {"images": [image_report(r) for r in (images or [])]}
 
     async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
         """Validate and submit first (errors become HTTP errors), then return the SSE body."""
@@ -290,7 +298,7 @@ class ChatService:
             prompt, completion, images = 0, 0, None
             async for i, ev in events:
                 if ev.error is not None:
-                    err = APIError(ev.error_status, ev.error, type=ev.error_type)
+                    err = engine_error(ev.error)
                     if self.metrics:  # the status line went out long ago: count it here
                         self.metrics.errors.labels(err.type, str(err.status)).inc()
                     yield "data: " + json.dumps(err.body()) + "\n\n"

@@ -37,3 +37,23 @@ class Metrics:
         self.image_tokens = Counter("slime_image_tokens", "SliME image tokens by kind", ["kind"], registry=r)
         self.vision_cache = Counter("slime_vision_cache", "Vision-feature cache lookups", ["result"], registry=r)
         self.images = Counter("slime_images", "Images received", registry=r)
+
+    def observe_engine(self, stats) -> None:
+        """One engine report (server.engine.types.EngineStats), from either engine mode."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.decode_graphs.set(stats.cuda_graphs)
+        for hist, values in ((self.ttft, stats.ttft), (self.itl, stats.itl), (self.queue_time, stats.queue_time),
+                             (self.vision, stats.vision_seconds), (self.batch_size, stats.batch_sizes)):
+            for v in values:
+                hist.observe(v)
+        for kind, n in stats.image_tokens.items():
+            self.image_tokens.labels(kind).inc(n)
+        for f in stats.finished:
+            self.requests.labels(f.status, f.finish_reason).inc()
+            if f.prompt_tokens:
+                self.prompt_tokens.inc(f.prompt_tokens)
+            self.generation_tokens.inc(f.generation_tokens)
+            if f.e2e_seconds is not None:
+                self.e2e.observe(f.e2e_seconds)

@@ -77,6 +77,19 @@ class Settings(BaseSettings):
             return self.served_model_name
         return Path(self.model).name if self.model else "tiny-slime"
 
+    def engine_config(self):
+        """What the engine needs of these settings (server.engine.factory.EngineConfig)."""
+        from .engine.factory import EngineConfig, resolve_model_dir
+
+        return EngineConfig(
+            model=resolve_model_dir(self.model, self.cache_dir), device=self.device,
+            dtype=None if self.dtype == "auto" else self.dtype, quantization=self.quantization,
+            attention=self.attention, allow_download=self.allow_download, max_batch_size=self.max_batch_size,
+            max_model_len=self.max_model_len, prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs,
+            capture_all_graphs=self.cuda_graph_capture == "startup", compile=self.compile,
+            vision_nice=self.vision_nice, vision_cache_mb=self.vision_cache_mb, engine_process=self.engine_process,
+            fault_hook=self.fault_hook, log_format=self.log_format, log_level=self.log_level)
+
     @field_validator("api_key", "image_url_domains", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v):

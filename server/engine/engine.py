@@ -1,225 +1,193 @@
-"""The engine: a thread that owns the model and runs schedule -> execute -> update steps, and
-an asyncio front that submits requests and streams their events back."""
+"""The engine: a thread that owns the model and runs plan -> execute -> apply steps, and the
+async front (`EngineClient`) through which requests come in and their events go out.
+
+Each step the scheduler plans (prompt chunks, then one batched decode), the executor runs the
+plan on the model, and the engine applies the outcome: tokens to events, finished and failed
+sequences out of the batch, and the step's numbers into `EngineStats`."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from .runner import CacheMiss, ModelRunner
-from .scheduler import Scheduler, Sequence
-from .types import EngineRequest, Event
+from .executor import DecodeOutcome, FaultHook, PrefillOutcome, StepExecutor
+from .interface import EngineDead
+from .runner import ModelRunner
+from .scheduler import Scheduler, SequenceState, StepPlan
+from .stopping import finish_reason
+from .streams import RequestStream, StreamRegistry
+from .types import CachedImage, EngineError, EngineRequest, EngineStats, ErrorKind, Event, FinishedRequest, ModelInfo
+from .vision import VisionStage, name_os_thread
+from .vision_cache import CacheMiss
 
 log = logging.getLogger(__name__)
 
-
-def _deliver(items) -> None:
-    for stream, event in items:
-        stream.queue.put_nowait(event)
-
-
-def dispatch(streams: dict, batch: list) -> None:
-    """Hand (request_id, Event) pairs to their RequestStreams, one wake-up per event loop; events
-    of streams already gone are dropped. Called from a thread that is not the loop's."""
-    by_loop: dict = {}
-    for request_id, event in batch:
-        stream = streams.get(request_id)
-        if stream is not None:
-            by_loop.setdefault(stream.loop, []).append((stream, event))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, items)
-        except RuntimeError:  # loop closed
-            pass
+# One step's (request_id, Event) pairs and its stats, for detached requests (the engine process)
+Deliver = Callable[[list[tuple[str, Event]], EngineStats], None]
+StatsObserver = Callable[[EngineStats], None]
 
 
-def _name_os_thread(name: str) -> None:
-    """Give the calling thread its OS name (Linux, 15 bytes), seen in `top -H` and /proc; threads it
-    starts (e.g. its OpenMP workers) inherit it, and its niceness."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+@dataclass
+class _Add:
+    request: EngineRequest
 
 
-def _lower_priority(nice: int) -> None:
-    """Add `nice` to the calling thread's niceness (Linux schedules threads individually): when the
-    cores are all busy, the engine thread's decode steps run first and this thread takes the rest."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except (AttributeError, OSError) as e:  # not Linux / not permitted: run at normal priority
-        log.warning("could not lower the vision thread's priority: %s", e)
+@dataclass
+class _Abort:
+    request_id: str
 
 
-class RequestStream:
-    """Async iterator over one request's events; `aclose()` (or garbage collection) before the
-    final event aborts the request."""
-
-    def __init__(self, engine: "Engine", request_id: str):
-        self.engine = engine
-        self.request_id = request_id
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self._closed = False
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._closed:
-            raise StopAsyncIteration
-        event: Event = await self.queue.get()
-        if event.finish_reason is not None:
-            self._close(finished=True)
-        return event
-
-    def _close(self, finished: bool = False) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.engine._streams.pop(self.request_id, None)
-        if not finished:
-            self.engine.abort(self.request_id)
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def __del__(self) -> None:
-        self._close()
-
-
-class EngineDead(RuntimeError):
-    pass
+@dataclass
+class _VisionDone:
+    request: EngineRequest
+    error: Exception | None
 
 
 class Engine:
-    """Continuous batching over a fixed pool of KV-cache slots.
+    """Continuous batching over a fixed pool of KV-cache slots (implements `EngineClient`).
 
-    Each step: admit a waiting request if a slot is free, run one prefill chunk of the sequence
+    Each step: admit waiting requests while slots are free, run one prefill chunk of the sequence
     being prefilled (so running streams stall at most one chunk) -- or several short prompts whose
     total fits in one chunk -- then one batched decode forward for every decoding sequence.
     """
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk: int = 512,
-                 metrics=None, vision_thread: bool = True, deliver=None, vision_nice: int = 0):
+                 info: ModelInfo | None = None, on_stats: StatsObserver | None = None, vision_thread: bool = True,
+                 vision_nice: int = 0, fault_hook: FaultHook | None = None):
         self.runner = runner
-        # Where a step's events go: by default to each request's RequestStream on its event loop;
-        # `deliver(list[(request_id, Event)])` instead for requests added with `submit_detached`
-        # (the engine process hands them to the API process, see `process.py`).
-        self.deliver = deliver
+        self.info = info if info is not None else ModelInfo.of(runner.lm)
         self.scheduler = Scheduler(num_slots=max_batch_size)
+        self.executor = StepExecutor(runner, fault_hook)
         self.prefill_chunk = prefill_chunk
-        self.metrics = metrics
+        self.on_stats = on_stats
+        # Where a step's events go: to each request's RequestStream on its event loop, or for
+        # requests added with `submit_detached`, to `deliver` (the engine process hands them to
+        # the API process, see `process.py`).
+        self.deliver: Deliver | None = None
+        self._streams = StreamRegistry(self.abort)
+        self._detached: set[str] = set()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream | None] = {}  # None: detached (see `deliver`)
-        self._by_id: dict[str, Sequence] = {}
-        self._outbox: list = []
+        self._by_id: dict[str, SequenceState] = {}
+        self._outbox: list[tuple[str, Event]] = []
+        self._stats = EngineStats()
         self._thread: threading.Thread | None = None
-        # Vision stage: CLIP and the adapters run on their own thread, beside decoding, so a new
-        # request's images never stall the running streams (torch releases the GIL).
-        self._vision_inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._vision_thread: threading.Thread | None = None
-        self.use_vision_thread = vision_thread
-        self.vision_nice = vision_nice
-        self.in_vision = 0
+        self.vision = VisionStage(self.executor.encode, self._vision_done, wanted=self._wanted,
+                                  nice=vision_nice) if vision_thread else None
         self._stop = threading.Event()
-        self.alive = False
+        self._alive = False
         self.steps = 0
-        # Tests: callable(stage, requests) called inside each model stage ("vision", "prefill",
-        # "decode", "sample") with the requests it serves; what it raises fails like a model error.
-        self.fault_hook = None
-        self._unattributed_failures = 0  # consecutive decode failures no request could be blamed for
+
+    @property
+    def fault_hook(self) -> FaultHook | None:
+        return self.executor.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: FaultHook | None) -> None:
+        self.executor.fault_hook = hook
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="slime-engine", daemon=True)
-        self.alive = True
+        self._alive = True
         self._thread.start()
-        if self.use_vision_thread:
-            self._vision_thread = threading.Thread(target=self._vision_loop, name="slime-vision", daemon=True)
-            self._vision_thread.start()
+        if self.vision is not None:
+            self.vision.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._inbox.put(("wake", None))
-        self._vision_inbox.put(None)
+        self._inbox.put(None)
+        if self.vision is not None:
+            self.vision.stop(timeout)
         if self._thread:
             self._thread.join(timeout)
-        if self._vision_thread:
-            self._vision_thread.join(timeout)
-        self.alive = False
+        self._alive = False
 
     @property
-    def num_running(self) -> int:
-        return self.scheduler.num_running
+    def alive(self) -> bool:
+        return self._alive
 
-    # -- async front -----------------------------------------------------------------------------
-    def submit(self, request: EngineRequest) -> "RequestStream":
+    # -- the EngineClient interface (any thread) -------------------------------------------------
+    def submit(self, request: EngineRequest) -> RequestStream:
         """Hand a request to the engine now; iterate the returned stream for its events. Closing
         the stream early (client gone) aborts the request and frees its slot at the next step."""
-        if not self.alive:
+        if not self._alive:
             raise EngineDead("the engine is not running")
-        stream = RequestStream(self, request.request_id)
-        self._streams[request.request_id] = stream
-        self._inbox.put(("add", request))
+        stream = self._streams.open(request.request_id)
+        self._inbox.put(_Add(request))
         return stream
 
     def submit_detached(self, request: EngineRequest) -> None:
         """Hand a request to the engine; its events go to `deliver`."""
-        if not self.alive:
+        if not self._alive:
             raise EngineDead("the engine is not running")
-        self._streams[request.request_id] = None
-        self._inbox.put(("add", request))
+        self._detached.add(request.request_id)
+        self._inbox.put(_Add(request))
 
     @property
     def num_requests(self) -> int:
-        """Requests submitted and not yet finished or aborted."""
-        return len(self._streams)
+        return len(self._streams) + len(self._detached)
 
-    def cached_image(self, digest: str):
-        """Features of an already-seen upload (pinned for its request), or None."""
+    def cached_image(self, digest: str) -> CachedImage | None:
         cache = self.runner.vision_cache
-        return cache.pin(digest) if cache is not None else None
+        feats = cache.pin(digest) if cache is not None else None
+        return None if feats is None else CachedImage(feats.grid)
 
     def abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)  # (a RequestStream has already left)
-        self._inbox.put(("abort", request_id))
+        self._streams.discard(request_id)
+        self._detached.discard(request_id)
+        self._inbox.put(_Abort(request_id))
 
+    def _wanted(self, request_id: str) -> bool:
+        return request_id in self._streams or request_id in self._detached
+
+    # -- events out --------------------------------------------------------------------------------
     def _emit(self, request_id: str, event: Event) -> None:
         """Queue an event; `_flush` hands a step's events on in one wake-up."""
-        if request_id in self._streams:
+        if self._wanted(request_id):
             self._outbox.append((request_id, event))
 
     def _flush(self) -> None:
-        if not self._outbox:
-            return
+        stats = self._take_stats()
         batch, self._outbox = self._outbox, []
         if self.deliver is not None:
             for request_id, event in batch:
                 if event.finish_reason is not None:
-                    self._streams.pop(request_id, None)
-            self.deliver(batch)
+                    self._detached.discard(request_id)
+            self.deliver(batch, stats)
             return
-        dispatch(self._streams, batch)
+        if batch:
+            self._streams.dispatch(batch)
+        if self.on_stats is not None:
+            try:
+                self.on_stats(stats)
+            except Exception:  # noqa: BLE001 - a metrics bug must not stop the engine
+                log.exception("the engine's stats observer failed")
 
-    # -- engine thread ---------------------------------------------------------------------------
+    def _take_stats(self) -> EngineStats:
+        stats, self._stats = self._stats, EngineStats()
+        sched = self.scheduler
+        stats.running = sched.num_running
+        stats.waiting = len(sched.waiting) + (self.vision.pending if self.vision else 0)
+        used = sum(s.length for s in sched.decoding) + sum(s.prefilled for s in sched.prefilling)
+        stats.kv_usage = used / (sched.num_slots * self.runner.max_model_len)
+        stats.cuda_graphs = self.runner.graphs.num_graphs if self.runner.graphs else 0
+        return stats
+
+    # -- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        _name_os_thread("slime-engine")
+        name_os_thread("slime-engine")
         try:
             self._run()
         finally:
-            self.alive = False
+            self._alive = False
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            idle = self.scheduler.num_running == 0 and not self.scheduler.waiting
+            idle = not self.scheduler.has_work
             try:
                 item = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
             except queue.Empty:
@@ -230,255 +198,155 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
-            if self.scheduler.num_running or self.scheduler.waiting:
+            if self.scheduler.has_work:
                 try:
                     self.step()
                 except Exception:  # noqa: BLE001 - a bug in step bookkeeping must not kill the loop
                     log.exception("engine step failed")
-                    for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
-                        self._fail(seq, "internal error in the engine step")
+                    for seq in self.scheduler.decoding + self.scheduler.prefilling:
+                        self._fail(seq, EngineError(ErrorKind.MODEL_ERROR, "internal error in the engine step"))
             self._flush()
-            self._update_gauges()
-        self.alive = False
-        for seq in list(self.scheduler.decoding) + ([self.scheduler.prefilling] if self.scheduler.prefilling else []):
-            self._fail(seq, "the server is shutting down", status=503, etype="unavailable")
-        while self.scheduler.waiting:
-            self.scheduler.waiting.popleft()
+        self._alive = False
+        gone = EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+        for seq in self.scheduler.decoding + self.scheduler.prefilling:
+            self._fail(seq, gone)
+        self.scheduler.waiting.clear()
         # Everything still registered (waiting, in the vision stage, not yet picked up) ends now.
-        for request_id in list(self._streams):
-            self._emit(request_id, Event(finish_reason="error", error="the server is shutting down",
-                                         error_status=503, error_type="unavailable"))
+        for request_id in self._streams.ids() + list(self._detached):
+            self._emit(request_id, Event(finish_reason="error", error=gone))
         self._flush()
 
-    def _vision_loop(self) -> None:
-        _name_os_thread("slime-vision")
-        if self.vision_nice:
-            _lower_priority(self.vision_nice)
-        while True:
-            req = self._vision_inbox.get()
-            if req is None or self._stop.is_set():
-                return
-            if req.request_id not in self._streams:  # aborted while queued
-                self._inbox.put(("vision_done", (req, None)))
-                continue
-            t0 = time.perf_counter()
-            try:
-                self._inject("vision", [req])
-                req.features = self.runner.encode(req.images)
-                req.vision_seconds = time.perf_counter() - t0
-                self._inbox.put(("vision_done", (req, None)))
-            except Exception as e:  # noqa: BLE001 - fail this request only
-                log.exception("vision encoding failed for %s", req.request_id)
-                self._inbox.put(("vision_done", (req, e)))
-
     def _handle(self, item) -> None:
-        kind, payload = item
-        if kind == "add":
-            if payload.request_id not in self._streams:  # consumer already gone
+        if item is None:  # stop's wake-up
+            return
+        if isinstance(item, _Add):
+            if not self._wanted(item.request.request_id):  # consumer already gone
                 return
-            if self.use_vision_thread and payload.images:
-                self.in_vision += 1
-                self._vision_inbox.put(payload)
+            if self.vision is not None and item.request.images:
+                self.vision.submit(item.request)
             else:
-                self.scheduler.add(payload)
-        elif kind == "vision_done":
-            req, error = payload
-            self.in_vision -= 1
-            if req.request_id not in self._streams:
+                self.scheduler.add(item.request)
+        elif isinstance(item, _VisionDone):
+            self.vision.pending -= 1  # type: ignore[union-attr]
+            req, error = item.request, item.error
+            if not self._wanted(req.request_id):
                 return
             if error is not None:
-                status, etype = (503, "unavailable") if isinstance(error, CacheMiss) else (500, "server_error")
+                kind = ErrorKind.RETRY if isinstance(error, CacheMiss) else ErrorKind.MODEL_ERROR
                 msg = str(error) if isinstance(error, CacheMiss) else "model error during vision encoding"
-                self._emit(req.request_id, Event(finish_reason="error", error=msg, error_status=status,
-                                                 error_type=etype))
-                if self.metrics:
-                    self.metrics.requests.labels("error", "error").inc()
+                self._emit(req.request_id, Event.failed(kind, msg))
+                self._stats.finished.append(FinishedRequest("error", "error", 0, 0, None))
                 return
-            if self.metrics and req.vision_seconds:
-                self.metrics.vision.observe(req.vision_seconds)
+            self._stats.vision_seconds.append(req.vision_seconds)
             self.scheduler.add(req)
-        elif kind == "abort":
-            if self.scheduler.drop_waiting(payload) is not None:
+        elif isinstance(item, _Abort):
+            if self.scheduler.drop_waiting(item.request_id) is not None:
                 return
-            seq = self._by_id.get(payload)
+            seq = self._by_id.get(item.request_id)
             if seq is not None:
                 self._release(seq)
                 self._record_finish(seq, "abort", status="aborted")
 
+    def _vision_done(self, request: EngineRequest, error: Exception | None) -> None:
+        self._inbox.put(_VisionDone(request, error))
+
     def step(self) -> None:
         self.steps += 1
-        sched = self.scheduler
-        budget = self.prefill_chunk  # prompt positions per step
-        seq = sched.next_prefill()
-        while seq is not None:
-            budget -= self._prefill(seq)
-            if sched.prefilling is not None:  # a long prompt mid-way: its next chunk is next step's
-                break
-            # Further prompts join this step only if they surely end within what is left of the
-            # budget: a prompt's chunks never depend on what else was admitted (same numbers).
-            nxt = sched.waiting[0] if sched.waiting else None
-            if nxt is None or nxt.max_prompt_tokens > budget:
-                break
-            seq = sched.next_prefill()
-        if sched.decoding:
-            self._decode(list(sched.decoding))
+        plan = self.scheduler.schedule(self.prefill_chunk)
+        self._admit(plan)
+        self.apply(plan, *self._execute(plan))
 
-    def _prefill(self, seq: Sequence) -> int:
-        """One prefill chunk of `seq` (admitting it first); returns the prompt positions it ran."""
-        req = seq.request
-        before = seq.prefilled
-        try:
-            if seq.embeds is None and seq.prefilled == 0:
-                self._by_id[req.request_id] = seq
-                seq.scheduled_time = time.monotonic()
-                if self.metrics:
-                    self.metrics.queue_time.observe(seq.scheduled_time - req.arrival)
-                self._inject("prefill", [req])
-                t0 = time.perf_counter()
-                inline_vision = seq.request.features is None and bool(seq.request.images)
-                self.runner.begin(seq)
-                self._record_images(seq, time.perf_counter() - t0 if inline_vision else None)
-            first = self.runner.prefill_chunk(seq, self.prefill_chunk)
-        except Exception as e:  # noqa: BLE001 - fail this request only
-            log.exception("prefill failed for %s", req.request_id)
-            if isinstance(e, CacheMiss):
-                self._fail(seq, str(e), status=503, etype="unavailable")
-                return 0
-            bad_input = isinstance(e, ValueError)
-            self._fail(seq, str(e) if bad_input else "model error during prefill", status=400 if bad_input else 500,
-                       etype="invalid_request_error" if bad_input else "server_error")
-            return 0
-        ran = seq.prefilled - before
-        if first is None:
-            return ran
+    def _execute(self, plan: StepPlan) -> tuple[list[PrefillOutcome], list[DecodeOutcome]]:
+        out = self.executor.execute(plan)
+        return out.prefills, out.decodes
+
+    def _admit(self, plan: StepPlan) -> None:
+        now = time.monotonic()
+        for seq in plan.prefills:
+            if seq.request.request_id not in self._by_id:
+                self._by_id[seq.request.request_id] = seq
+                seq.scheduled_time = now
+                self._stats.queue_time.append(now - seq.request.arrival)
+
+    # -- applying a step's outcome ---------------------------------------------------------------
+    def apply(self, plan: StepPlan, prefills: list[PrefillOutcome], decodes: list[DecodeOutcome]) -> None:
+        """Decoded tokens first, all of them before any slot is freed: freeing one moves the
+        batch's last sequence into it, and the move copies `length` positions, which must include
+        the entry this step just wrote for it. Then finished and failed sequences leave, then
+        prompts that completed join the batch with their first token."""
+        if decodes:
+            self._stats.batch_sizes.append(len(decodes))
+        finished, failed = [], []
+        for out in decodes:
+            if out.error is not None:
+                failed.append((out.seq, out.error))
+            elif out.token is not None:
+                try:
+                    finish = self._append(out.seq, out.token, out.info)
+                except Exception:  # noqa: BLE001 - e.g. detokenising: this sequence only
+                    log.exception("finishing the step failed for %s", out.seq.request.request_id)
+                    failed.append((out.seq, EngineError(ErrorKind.MODEL_ERROR, "model error during decoding")))
+                    continue
+                if finish:
+                    finished.append((out.seq, finish))
+        for seq, finish in finished:
+            self._release(seq)
+            self._record_finish(seq, finish)
+        for seq, error in failed:
+            self._fail(seq, error)
+        for out in prefills:
+            self._apply_prefill(out)
+
+    def _apply_prefill(self, out: PrefillOutcome) -> None:
+        seq = out.seq
+        if out.error is not None:
+            self._fail(seq, out.error)
+            return
+        if out.admitted:
+            self._record_images(seq, out.vision_seconds)
+        if out.first is None:  # more chunks to come
+            return
+        seq.embeds = None
         move = self.scheduler.finish_prefill(seq)
         if move:
             self.runner.move(move[0], move[1], seq.prompt_len)
-        token, info = first
-        self._append(seq, token, info, images=seq.state.images)
-        return ran
-
-    # -- decode, with failures isolated to the sequences that cause them ---------------------------
-    def _inject(self, stage: str, requests: list[EngineRequest]) -> None:
-        if self.fault_hook is not None:
-            self.fault_hook(stage, requests)
-
-    def _forward(self, seqs: list[Sequence]):
-        self._inject("decode", [s.request for s in seqs])
-        return self.runner.forward(seqs)
-
-    def _sample(self, logits, seqs: list[Sequence]):
-        self._inject("sample", [s.request for s in seqs])
-        return self.runner.sample(logits, seqs)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
+        token, info = out.first
         try:
-            logits = self._forward(seqs)  # [B, V]
-        except Exception:  # noqa: BLE001 - find who caused it; the others decode again next step
-            log.exception("decode forward failed for a batch of %d", len(seqs))
-            culprit = self._forward_culprit(seqs)
-            if culprit is not None:
-                self._unattributed_failures = 0
-                self._fail(culprit, "model error during decoding")
-            else:
-                self._unattributed_failures += 1
-                if self._unattributed_failures >= 3:  # persistent and nobody's in particular: give up on all
-                    for s in seqs:
-                        self._fail(s, "model error during decoding")
+            finish = self._append(seq, token, info, images=seq.state.images)
+        except Exception:  # noqa: BLE001
+            log.exception("finishing the prefill failed for %s", seq.request.request_id)
+            self._fail(seq, EngineError(ErrorKind.MODEL_ERROR, "model error during prefill"))
             return
-        self._unattributed_failures = 0
-        rng = self.runner.rng_states(seqs)
-        try:
-            results = list(zip(*self._sample(logits, seqs)))
-        except Exception:  # noqa: BLE001 - sample each row alone: only the failing rows fail
-            log.exception("sampling failed for a batch of %d; sampling row by row", len(seqs))
-            self.runner.restore_rng_states(seqs, rng)
-            results = []
-            for i, s in enumerate(seqs):
-                try:
-                    tokens, infos = self._sample(logits[i:i + 1], [s])
-                    results.append((tokens[0], infos[0]))
-                except Exception:  # noqa: BLE001
-                    log.exception("sampling failed for %s", s.request.request_id)
-                    results.append(None)
-        if self.metrics:
-            self.metrics.batch_size.observe(len(seqs))
-        # Count every sequence's token before freeing any slot: freeing one moves the batch's last
-        # sequence into it, and the move copies `length` positions, which must include the entry
-        # this step just wrote for it.
-        finished, failed = [], []
-        for s, result in zip(seqs, results):
-            if result is None:
-                failed.append(s)
-                continue
-            try:
-                finish = self._append(s, result[0], result[1], release=False)
-            except Exception:  # noqa: BLE001 - e.g. detokenising: this sequence only
-                log.exception("finishing the step failed for %s", s.request.request_id)
-                failed.append(s)
-                continue
-            if finish:
-                finished.append((s, finish))
-        for s, finish in finished:
-            self._release(s)
-            self._record_finish(s, finish)
-        for s in failed:
-            self._fail(s, "model error during decoding")
+        if finish:
+            self._release(seq)
+            self._record_finish(seq, finish)
 
-    def _forward_culprit(self, seqs: list[Sequence]) -> Sequence | None:
-        """The sequence whose presence makes the decode forward fail: the last of the shortest
-        failing prefix of the batch (prefixes keep sequence i in slot i), found by bisection. A
-        forward rewrites the same cache entries a later successful one will, and samples nothing.
-        None when no prefix fails again (a transient failure)."""
-        def fails(k: int) -> bool:
-            try:
-                self._forward(seqs[:k])
-                return False
-            except Exception:  # noqa: BLE001
-                return True
-
-        lo, hi = 1, len(seqs)  # find the smallest failing k in [lo, hi]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if fails(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return seqs[lo - 1] if fails(lo) else None
-
-    def _append(self, seq: Sequence, token: int, info, images=None, release: bool = True) -> str | None:
-        """Record a sampled token and emit its event; returns the finish reason, if any. With
-        `release`, a finished sequence frees its slot here; else the caller does it."""
+    def _append(self, seq: SequenceState, token: int, info, images=None) -> str | None:
+        """Record a sampled token and emit its event; returns the finish reason, if any (the
+        caller frees the slot)."""
         now = time.monotonic()
         req = seq.request
         seq.output_ids.append(token)
-        m = self.metrics
         if seq.first_token_time is None:
             seq.first_token_time = now
-            if m:
-                m.ttft.observe(now - req.arrival)
-        elif m and seq.last_token_time is not None:
-            m.itl.observe(now - seq.last_token_time)
+            self._stats.ttft.append(now - req.arrival)
+        elif seq.last_token_time is not None:
+            self._stats.itl.append(now - seq.last_token_time)
         seq.last_token_time = now
-        finish = None
         stop_token = self.runner.is_stop_token(seq, token)
-        text = "" if stop_token else seq.state.detok.add(token)
-        if stop_token or seq.state.detok.stopped:
-            finish = "stop"
-        elif len(seq.output_ids) >= req.params.max_tokens or \
-                seq.prompt_len + len(seq.output_ids) >= self.runner.max_model_len:
-            finish = "length"
+        detok = seq.state.detok
+        text = "" if stop_token else detok.add(token)
+        finish = finish_reason(stop_token=stop_token, stop_string=detok.stopped, generated=len(seq.output_ids),
+                               max_tokens=req.params.max_tokens, length=seq.prompt_len + len(seq.output_ids),
+                               max_model_len=self.runner.max_model_len)
         if finish:
-            text += seq.state.detok.flush()
-        event = Event(token_ids=[token], text=text, logprobs=[info] if info else [], finish_reason=finish,
-                      prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids), images=images)
-        self._emit(req.request_id, event)
-        if finish and release:
-            self._release(seq)
-            self._record_finish(seq, finish)
+            text += detok.flush()
+        self._emit(req.request_id, Event(token_ids=[token], text=text, logprobs=[info] if info else [],
+                                         finish_reason=finish, prompt_tokens=seq.prompt_len,
+                                         completion_tokens=len(seq.output_ids), images=images))
         return finish
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: SequenceState) -> None:
         self._by_id.pop(seq.request.request_id, None)
         move = self.scheduler.remove(seq)
         if move:
@@ -486,41 +354,21 @@ class Engine:
             self.runner.move(move[0], move[1], moved.length)
         seq.embeds = None
 
-    def _fail(self, seq: Sequence, message: str, status: int = 500, etype: str = "server_error") -> None:
+    def _fail(self, seq: SequenceState, error: EngineError) -> None:
         self._release(seq)
-        self._emit(seq.request.request_id, Event(finish_reason="error", error=message, error_status=status,
-                                                 error_type=etype))
+        self._emit(seq.request.request_id, Event(finish_reason="error", error=error))
         self._record_finish(seq, "error", status="error")
 
-    def _record_images(self, seq: Sequence, vision_seconds: float | None) -> None:
-        m = self.metrics
-        if not m:
-            return
+    def _record_images(self, seq: SequenceState, vision_seconds: float | None) -> None:
+        stats = self._stats
         if vision_seconds is not None:  # encoded inline (no vision thread)
-            m.vision.observe(vision_seconds)
+            stats.vision_seconds.append(vision_seconds)
+        tokens = stats.image_tokens
         for r in seq.state.images:
-            m.image_tokens.labels("global").inc(r.global_tokens)
-            m.image_tokens.labels("local_total").inc(r.local_tokens)
-            m.image_tokens.labels("local_kept").inc(r.local_kept)
+            tokens["global"] = tokens.get("global", 0) + r.global_tokens
+            tokens["local_total"] = tokens.get("local_total", 0) + r.local_tokens
+            tokens["local_kept"] = tokens.get("local_kept", 0) + r.local_kept
 
-    def _record_finish(self, seq: Sequence, finish: str, status: str = "ok") -> None:
-        m = self.metrics
-        if not m:
-            return
-        m.requests.labels(status, finish).inc()
-        if seq.prompt_len:
-            m.prompt_tokens.inc(seq.prompt_len)
-        m.generation_tokens.inc(len(seq.output_ids))
-        if status == "ok":
-            m.e2e.observe(time.monotonic() - seq.request.arrival)
-
-    def _update_gauges(self) -> None:
-        m = self.metrics
-        if not m:
-            return
-        sched = self.scheduler
-        m.running.set(sched.num_running)
-        m.waiting.set(len(sched.waiting) + self.in_vision)
-        used = sum(s.length for s in sched.decoding) + (sched.prefilling.prefilled if sched.prefilling else 0)
-        m.kv_usage.set(used / (sched.num_slots * self.runner.max_model_len))
-        m.decode_graphs.set(self.runner.graphs.num_graphs if self.runner.graphs else 0)
+    def _record_finish(self, seq: SequenceState, finish: str, status: str = "ok") -> None:
+        e2e = time.monotonic() - seq.request.arrival if status == "ok" else None
+        self._stats.finished.append(FinishedRequest(status, finish, seq.prompt_len, len(seq.output_ids), e2e))

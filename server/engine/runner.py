@@ -1,12 +1,10 @@
 """The model side of the engine: device, KV cache, vision encoding, prefill chunks, one batched
-decode forward per step, and sampling. Runs only on the engine thread."""
+decode forward per step, and sampling. Runs on the engine thread (`encode` on the vision thread)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 
 import torch
 
@@ -17,7 +15,8 @@ from model.modeling import ImageFeatures, ImageReport
 from model.sampling import SequenceSampler, TokenLogprob, sample
 
 from .detokenizer import IncrementalDetokenizer
-from .scheduler import Sequence
+from .scheduler import SequenceState
+from .vision_cache import CacheMiss, VisionCache
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,6 @@ def fit_slots(num_slots: int, max_model_len: int, cfg, dtype: torch.dtype, devic
     return min(num_slots, fit)
 
 
-class CacheMiss(RuntimeError):
-    """A request referred to cached features that are gone (retryable)."""
-
-
 class SeqState:
     """Per-sequence runner state."""
 
@@ -52,60 +47,6 @@ class SeqState:
         self.sampler = sampler
         self.detok = detok
         self.images: list[ImageReport] = []
-
-
-class VisionCache:
-    """LRU of question-independent image features by upload hash, bounded in bytes.
-
-    The chat layer checks it (and pins the entry) before decoding an upload, so a repeated image
-    skips decoding, slicing, CLIP and both adapters; only selection reruns. A pinned entry is not
-    evicted for `PIN_SECONDS`, long enough for its request to reach the engine.
-    """
-
-    PIN_SECONDS = 60.0
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
-        self._pinned: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def pin(self, key: str) -> ImageFeatures | None:
-        """Called from the chat layer: the entry, kept from eviction for a while, or None."""
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._items.move_to_end(key)
-            self._pinned[key] = time.monotonic()
-            return item
-
-    def take(self, key: str) -> ImageFeatures | None:
-        with self._lock:
-            self._pinned.pop(key, None)
-            return self._items.get(key)
-
-    def put(self, key: str, feats: ImageFeatures) -> None:
-        size = feats.nbytes
-        with self._lock:
-            if size > self.max_bytes or key in self._items:
-                return
-            self._items[key] = feats
-            self.bytes += size
-            now = time.monotonic()
-            for old in list(self._items):
-                if self.bytes <= self.max_bytes:
-                    break
-                pinned = self._pinned.get(old)
-                if pinned is not None and now - pinned < self.PIN_SECONDS and self.bytes <= 2 * self.max_bytes:
-                    continue
-                self.bytes -= self._items.pop(old).nbytes
-                self._pinned.pop(old, None)
 
 
 class ModelRunner:
@@ -191,11 +132,11 @@ class ModelRunner:
         return feats  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def begin(self, seq: Sequence) -> None:
+    def begin(self, seq: SequenceState) -> None:
         """Selection and prompt embedding for a newly admitted sequence (features ready)."""
         req = seq.request
         feats = req.features if req.features is not None else self.encode(req.images)
-        embeds, reports = self.model.embed_prompt(req.input_ids, feats, with_mask=req.with_selection)  # [T, D]
+        embeds, reports = self.model.embed_prompt(req.input_ids, feats, slime_selection=req.slime_selection)  # [T, D]
         req.features = None
         seq.embeds = embeds
         seq.prompt_len = embeds.shape[0]
@@ -207,7 +148,7 @@ class ModelRunner:
         seq.state.images = reports
 
     @torch.inference_mode()
-    def prefill_chunk(self, seq: Sequence, chunk: int) -> tuple[int, TokenLogprob | None] | None:
+    def prefill_chunk(self, seq: SequenceState, chunk: int) -> tuple[int, TokenLogprob | None] | None:
         """Run up to `chunk` prompt positions; after the last one, sample the first token."""
         start = seq.prefilled
         end = min(seq.prompt_len, start + chunk)
@@ -221,7 +162,7 @@ class ModelRunner:
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence]) -> torch.Tensor:
+    def forward(self, seqs: list[SequenceState]) -> torch.Tensor:
         """One batched forward (sequence i sits in slot i and feeds its last token) -> logits `[B, V]`."""
         last = [s.output_ids[-1] for s in seqs]
         positions = [s.prompt_len + len(s.output_ids) - 1 for s in seqs]
@@ -231,21 +172,21 @@ class ModelRunner:
         return self.llm.logits(hidden)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits `[B, V]` -> one token per sequence (advances seeded generators and penalty counts)."""
         return sample(logits, [s.state.sampler for s in seqs])
 
-    def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def decode(self, seqs: list[SequenceState]) -> tuple[list[int], list[TokenLogprob | None]]:
         return self.sample(self.forward(seqs), seqs)
 
     @staticmethod
-    def rng_states(seqs: list[Sequence]) -> list:
+    def rng_states(seqs: list[SequenceState]) -> list:
         """The sampled sequences' generator states (~5 KB each on the CPU), to sample a step again
         after a failure as if the failed attempt never ran."""
         return [None if s.state.sampler.generator is None else s.state.sampler.generator.get_state() for s in seqs]
 
     @staticmethod
-    def restore_rng_states(seqs: list[Sequence], states: list) -> None:
+    def restore_rng_states(seqs: list[SequenceState], states: list) -> None:
         for s, state in zip(seqs, states):
             if state is not None:
                 s.state.sampler.generator.set_state(state)
@@ -253,5 +194,5 @@ class ModelRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move_slot(src, dst, length)
 
-    def is_stop_token(self, seq: Sequence, token: int) -> bool:
+    def is_stop_token(self, seq: SequenceState, token: int) -> bool:
         return not seq.request.params.ignore_eos and token in self.eos

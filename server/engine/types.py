@@ -1,12 +1,19 @@
-"""Data crossing the engine boundary (dataclasses, no torch)."""
+"""Data crossing the engine boundary: plain dataclasses and enums, no torch, no HTTP.
+
+The chat layer builds `EngineRequest`s and reads `Event`s; the engine reports `EngineStats`
+once per step, which the API process turns into Prometheus metrics (`server.metrics`)."""
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from model.sampling import SamplingParams, TokenLogprob
+
+__all__ = ["CachedImage", "EngineError", "EngineRequest", "EngineStats", "ErrorKind", "Event", "FinishedRequest",
+           "ModelInfo", "SamplingParams", "TokenLogprob"]
 
 
 @dataclass
@@ -16,10 +23,25 @@ class EngineRequest:
     images: list[Any]  # model.processor.PreparedImage, in placeholder order
     params: SamplingParams
     max_prompt_tokens: int  # upper bound (image rows before selection), checked at admission
-    with_selection: bool = False  # report per-image kept masks (playground extension)
+    slime_selection: bool = False  # report each image's kept-token mask (playground extension)
     arrival: float = field(default_factory=time.monotonic)
     features: list[Any] | None = None  # model.modeling.ImageFeatures, set by the vision stage
     vision_seconds: float = 0.0
+
+
+class ErrorKind(enum.Enum):
+    """Why a request failed, in engine terms; the API layer decides what a client sees."""
+
+    INVALID_REQUEST = "invalid_request"  # cannot run as asked (e.g. too long once image rows are known)
+    MODEL_ERROR = "model_error"  # a model stage failed for this request
+    RETRY = "retry"  # transient (cached image features were evicted): the same request may succeed
+    UNAVAILABLE = "unavailable"  # the engine is stopping or gone
+
+
+@dataclass(frozen=True)
+class EngineError:
+    kind: ErrorKind
+    message: str
 
 
 @dataclass
@@ -33,6 +55,60 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     images: list[Any] | None = None  # model.modeling.ImageReport, once, with the first tokens
-    error: str | None = None
-    error_type: str = "server_error"
-    error_status: int = 500
+    error: EngineError | None = None
+
+    @classmethod
+    def failed(cls, kind: ErrorKind, message: str) -> "Event":
+        return cls(finish_reason="error", error=EngineError(kind, message))
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """A vision-cache hit, as the chat layer sees it (the features stay in the engine)."""
+
+    grid: Any
+
+
+@dataclass
+class ModelInfo:
+    """What request preparation needs of the served model, the same in both engine modes (the
+    weights stay with the engine)."""
+
+    cfg: Any  # model.config.SliMEConfig
+    template: str
+    image_norm: Any
+    accepts_images: bool
+    tokenizer: Any = None
+
+    @classmethod
+    def of(cls, lm) -> "ModelInfo":
+        """From a model.loading.LoadedModel (its tokenizer included)."""
+        return cls(cfg=lm.cfg, template=lm.template, image_norm=lm.image_norm, accepts_images=lm.accepts_images,
+                   tokenizer=lm.tokenizer)
+
+
+@dataclass
+class FinishedRequest:
+    status: str  # ok | error | aborted
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    e2e_seconds: float | None  # arrival to last token, for those that finished ok
+
+
+@dataclass
+class EngineStats:
+    """What the engine did since its last report (vLLM's SchedulerStats pattern): gauges as of
+    now, and every observation since, for one observer to turn into metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    cuda_graphs: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    queue_time: list[float] = field(default_factory=list)
+    vision_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    image_tokens: dict[str, int] = field(default_factory=dict)  # global | local_total | local_kept
+    finished: list[FinishedRequest] = field(default_factory=list)

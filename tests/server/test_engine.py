@@ -99,7 +99,7 @@ def test_the_vision_thread_runs_at_the_niceness_asked_and_the_engine_thread_does
     try:
         assert _run(engine, [[1, 5, 6, 7]], 3)[0]  # the engine still serves
         deadline = time.monotonic() + 10
-        while os.getpriority(os.PRIO_PROCESS, engine._vision_thread.native_id) != min(19, base + 7):
+        while os.getpriority(os.PRIO_PROCESS, engine.vision.thread.native_id) != min(19, base + 7):
             assert time.monotonic() < deadline, "the vision thread's niceness never changed"
             time.sleep(0.01)
         assert os.getpriority(os.PRIO_PROCESS, engine._thread.native_id) == base
@@ -182,8 +182,8 @@ def _blocking_hook(stage_to_block: str):
 
 def _idle(engine: Engine) -> bool:
     s = engine.scheduler
-    return (engine.num_requests == 0 and engine.in_vision == 0 and s.num_running == 0 and not s.waiting
-            and len(s._free) == s.num_slots and not engine._by_id)
+    return (engine.num_requests == 0 and engine.vision.pending == 0 and s.num_running == 0 and not s.waiting
+            and s.num_free_slots == s.num_slots and not engine._by_id)
 
 
 def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(tiny_lm, ironing):

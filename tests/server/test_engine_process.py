@@ -152,20 +152,26 @@ def test_pixels_cross_a_pipe_bit_for_bit():
     assert back.dtype == np.float32 and np.array_equal(back, pixels)
 
 
-def test_recorded_metric_updates_replay_into_the_registry():
-    from server.engine.process import RecordingMetrics, replay
+def test_engine_stats_cross_the_pipe_and_feed_the_registry():
+    import pickle
+
+    from server.engine.types import EngineStats, FinishedRequest
     from server.metrics import Metrics
 
-    rec, real = RecordingMetrics(), Metrics()
-    rec.batch_size.observe(3)
-    rec.image_tokens.labels("global").inc(576)
-    rec.running.set(2)
-    ops = rec.drain()
-    assert len(ops) == 3 and not rec.drain()
-    replay(real, ops)
-    assert real.running._value.get() == 2
+    stats = EngineStats(running=2, waiting=1, kv_usage=0.25, batch_sizes=[3], ttft=[0.1], itl=[0.01, 0.02],
+                        image_tokens={"global": 576, "local_kept": 100},
+                        finished=[FinishedRequest("ok", "length", 700, 12, 1.5),
+                                  FinishedRequest("error", "error", 0, 0, None)])
+    real = Metrics()
+    real.observe_engine(pickle.loads(pickle.dumps(stats)))  # as the engine process sends it
+    assert real.running._value.get() == 2 and real.waiting._value.get() == 1
+    assert real.kv_usage._value.get() == 0.25
     assert real.image_tokens.labels("global")._value.get() == 576
-    assert real.batch_size._sum.get() == 3
+    assert real.batch_size._sum.get() == 3 and real.itl._sum.get() == 0.03
+    assert real.requests.labels("ok", "length")._value.get() == 1
+    assert real.requests.labels("error", "error")._value.get() == 1
+    assert real.prompt_tokens._value.get() == 700 and real.generation_tokens._value.get() == 12
+    assert real.e2e._sum.get() == 1.5
 
 
 def _answer(url: str, body: dict) -> tuple[int, dict]:

@@ -1,0 +1,162 @@
+"""Runs a planned step on the model, keeping each failure to the sequences that cause it.
+
+Prompt chunks fail one sequence each. A decode forward that fails is bisected over prefixes
+of the batch to find the sequence whose presence breaks it; sampling that fails is redone row
+by row (generators restored first, so seeded requests draw as if nothing happened); the rest
+decode on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .runner import ModelRunner
+from .scheduler import SequenceState, StepPlan
+from .types import EngineError, EngineRequest, ErrorKind, TokenLogprob
+from .vision_cache import CacheMiss
+
+log = logging.getLogger(__name__)
+
+# After this many decode failures in a row that no single sequence can be blamed for, the
+# whole batch fails (something is broken for everyone; retrying forever would hang them all).
+MAX_UNATTRIBUTED_FAILURES = 3
+
+FaultHook = Callable[[str, list[EngineRequest]], None]
+
+
+@dataclass
+class PrefillOutcome:
+    seq: SequenceState
+    ran: int = 0  # prompt positions run
+    admitted: bool = False  # selection and embedding ran in this step
+    vision_seconds: float | None = None  # when the images were encoded inline (no vision thread)
+    first: tuple[int, TokenLogprob | None] | None = None  # the first token, once the prompt is all in
+    error: EngineError | None = None
+
+
+@dataclass
+class DecodeOutcome:
+    seq: SequenceState
+    token: int | None = None  # None: no token this step (failed, or to retry next step)
+    info: TokenLogprob | None = None
+    error: EngineError | None = None
+
+
+@dataclass
+class StepOutputs:
+    prefills: list[PrefillOutcome]
+    decodes: list[DecodeOutcome]
+
+
+class StepExecutor:
+    def __init__(self, runner: ModelRunner, fault_hook: FaultHook | None = None):
+        self.runner = runner
+        # Tests: f(stage, requests) inside each model stage ("vision", "prefill", "decode",
+        # "sample") with the requests it serves; what it raises fails like a model error.
+        self.fault_hook = fault_hook
+        self._unattributed = 0
+
+    def inject(self, stage: str, requests: list[EngineRequest]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, requests)
+
+    def encode(self, request: EngineRequest) -> None:
+        """The vision stage's work for one request (its own thread)."""
+        self.inject("vision", [request])
+        request.features = self.runner.encode(request.images)
+
+    def execute(self, plan: StepPlan) -> StepOutputs:
+        prefills, budget = [], plan.prefill_budget
+        for seq in plan.prefills:
+            if budget <= 0:
+                break
+            out = self._prefill(seq, budget)
+            budget -= out.ran
+            prefills.append(out)
+        decodes = self._decode(plan.decodes) if plan.decodes else []
+        return StepOutputs(prefills, decodes)
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, seq: SequenceState, budget: int) -> PrefillOutcome:
+        out = PrefillOutcome(seq)
+        before = seq.prefilled
+        try:
+            if not seq.admitted:
+                out.admitted = True
+                self.inject("prefill", [seq.request])
+                inline = seq.request.features is None and bool(seq.request.images)
+                t0 = time.perf_counter()
+                self.runner.begin(seq)
+                out.vision_seconds = time.perf_counter() - t0 if inline else None
+            out.first = self.runner.prefill_chunk(seq, budget)
+        except CacheMiss as e:
+            out.error = EngineError(ErrorKind.RETRY, str(e))
+        except ValueError as e:  # the request cannot run as asked (e.g. too long once its image rows are known)
+            out.error = EngineError(ErrorKind.INVALID_REQUEST, str(e))
+        except Exception:  # noqa: BLE001 - fails this request only
+            log.exception("prefill failed for %s", seq.request.request_id)
+            out.error = EngineError(ErrorKind.MODEL_ERROR, "model error during prefill")
+        out.ran = seq.prefilled - before
+        return out
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _forward(self, seqs: list[SequenceState]):
+        self.inject("decode", [s.request for s in seqs])
+        return self.runner.forward(seqs)
+
+    def _sample(self, logits, seqs: list[SequenceState]):
+        self.inject("sample", [s.request for s in seqs])
+        return self.runner.sample(logits, seqs)
+
+    def _decode(self, seqs: list[SequenceState]) -> list[DecodeOutcome]:
+        failed = EngineError(ErrorKind.MODEL_ERROR, "model error during decoding")
+        try:
+            logits = self._forward(seqs)  # [B, V]
+        except Exception:  # noqa: BLE001 - find who caused it; the others decode again next step
+            log.exception("decode forward failed for a batch of %d", len(seqs))
+            culprit = self._forward_culprit(seqs)
+            self._unattributed = 0 if culprit is not None else self._unattributed + 1
+            if self._unattributed >= MAX_UNATTRIBUTED_FAILURES:
+                self._unattributed = 0
+                return [DecodeOutcome(s, error=failed) for s in seqs]
+            return [DecodeOutcome(s, error=failed if s is culprit else None) for s in seqs]
+        self._unattributed = 0
+        rng = self.runner.rng_states(seqs)
+        try:
+            tokens, infos = self._sample(logits, seqs)
+            return [DecodeOutcome(s, t, i) for s, t, i in zip(seqs, tokens, infos)]
+        except Exception:  # noqa: BLE001 - sample each row alone: only the failing rows fail
+            log.exception("sampling failed for a batch of %d; sampling row by row", len(seqs))
+        self.runner.restore_rng_states(seqs, rng)
+        outs = []
+        for i, s in enumerate(seqs):
+            try:
+                tokens, infos = self._sample(logits[i:i + 1], [s])
+                outs.append(DecodeOutcome(s, tokens[0], infos[0]))
+            except Exception:  # noqa: BLE001
+                log.exception("sampling failed for %s", s.request.request_id)
+                outs.append(DecodeOutcome(s, error=failed))
+        return outs
+
+    def _forward_culprit(self, seqs: list[SequenceState]) -> SequenceState | None:
+        """The sequence whose presence makes the decode forward fail: the last of the shortest
+        failing prefix of the batch (prefixes keep sequence i in slot i), found by bisection. A
+        forward rewrites the same cache entries a later successful one will, and samples nothing.
+        None when no prefix fails again (a transient failure)."""
+        def fails(k: int) -> bool:
+            try:
+                self._forward(seqs[:k])
+                return False
+            except Exception:  # noqa: BLE001
+                return True
+
+        lo, hi = 1, len(seqs)  # the smallest failing k lies in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fails(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return seqs[lo - 1] if fails(lo) else None
