@@ -1,0 +1,9 @@
+"""HTTP routes, one module per resource; each reaches the app's state through `deps`."""
+
+from fastapi import APIRouter
+
+from . import chat, health, metrics, models, playground
+
+
+def all_routes() -> list[APIRouter]:
+    return [playground.router, health.router, metrics.router, models.router, chat.router]
