@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     api_key: StrList = Field(default_factory=list, description="Bearer keys (comma-separated in the env)")
     protect_metrics: bool = Field(False, description="require the API key on /metrics too")
     cors_origins: StrList = Field(default_factory=list, description="allowed browser origins (off when empty)")
-    drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM "
+                                 "(0: cancel them at once)")
     log_format: Literal["text", "json"] = Field("text", description="text or one JSON object per line")
     log_level: str = Field("info", description="debug | info | warning | error")
 

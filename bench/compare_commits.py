@@ -1,0 +1,153 @@
+"""Two commits of this server side by side: the same streamed load on each, alternating rounds,
+medians and the ratio (for refactors: does the engine's per-step overhead change?).
+
+    python -m bench.compare_commits --base 74f8069 --rounds 5
+
+The base commit runs from a git worktree under /tmp with this checkout's virtual environment.
+Prints a table and saves it (and a plot) under --out."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cwd: Path, model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--port", str(port), "--device", "cpu",
+                             "--log-level", "warning", *extra], cwd=cwd, env={**os.environ, "PYTHONPATH": str(cwd)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server in {cwd} did not become ready")
+
+
+async def _one(c: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> tuple[int, list[float]]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": f"Tell me story number {i}."}],
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    times = []
+    async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                times.append(time.perf_counter())
+    return len(times), [b - a for a, b in zip(times, times[1:])]
+
+
+async def _load(url: str, concurrency: int, max_tokens: int) -> tuple[float, float]:
+    """-> (tokens/s over the whole load, median inter-token gap in ms)."""
+    async with httpx.AsyncClient(timeout=300) as c:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_one(c, url, max_tokens, i) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+    gaps = [g for _, gs in results for g in gs]
+    return sum(n for n, _ in results) / wall, 1000 * statistics.median(gaps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="the commit to compare against (this checkout is the other)")
+    ap.add_argument("--model", default=None, help="checkpoint (default: a tiny one built under --out)")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--server-args", default="")
+    ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        from weights.make_tiny import make_tiny
+
+        model = str(out / "tiny")
+        if not (Path(model) / "config.json").exists():
+            make_tiny(Path(model))
+    sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = Path(f"/tmp/slime-base-{sha}")
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    extra = args.server_args.split()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    servers = {f"base {sha}": _start(tree, model, extra), "this checkout": _start(ROOT, model, extra)}
+    results: dict = {(name, c): [] for name in servers for c in levels}
+    try:
+        for _, url in servers.values():  # warm both
+            asyncio.run(_load(url, 2, 8))
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                for c in levels:
+                    results[(name, c)].append(asyncio.run(_load(servers[name][1], c, args.max_tokens)))
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    base, head = list(servers)
+    lines = [f"# {head} vs {base}: {args.rounds} alternating rounds, {args.max_tokens} tokens per stream, "
+             f"median per round", "",
+             "| streams | base tok/s | this tok/s | ratio | base ITL p50 ms | this ITL p50 ms | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for c in levels:
+        bt = statistics.median(x[0] for x in results[(base, c)])
+        ht = statistics.median(x[0] for x in results[(head, c)])
+        bi = statistics.median(x[1] for x in results[(base, c)])
+        hi = statistics.median(x[1] for x in results[(head, c)])
+        summary[c] = {"base_tps": bt, "head_tps": ht, "base_itl_ms": bi, "head_itl_ms": hi}
+        lines.append(f"| {c} | {bt:.0f} | {ht:.0f} | x{ht / bt:.2f} | {bi:.2f} | {hi:.2f} | x{hi / bi:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    (out / f"compare-{sha}.md").write_text(text + "\n")
+    (out / f"compare-{sha}.json").write_text(json.dumps({"rounds": {f"{k[0]}|{k[1]}": v for k, v in results.items()},
+                                                         "summary": summary}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        xs = range(len(levels))
+        ax.bar([x - 0.2 for x in xs], [summary[c]["base_tps"] for c in levels], 0.4, label=base)
+        ax.bar([x + 0.2 for x in xs], [summary[c]["head_tps"] for c in levels], 0.4, label=head)
+        ax.set_xticks(list(xs), [f"{c} streams" for c in levels])
+        ax.set_ylabel("tokens/s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"compare-{sha}.png")
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
