@@ -1,24 +1,21 @@
-"""Shared helpers: start a server process, wait for it, and summarise latencies."""
+"""Shared helpers: start a server process, wait for it, and summarise latencies. Starting and
+waiting are the tests' own helpers (tests/live.py), so benchmarks and tests start servers alike."""
 
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
-import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
+from tests.live import ROOT, free_port, start_command, start_server_process, stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["ROOT", "Process", "free_port", "median", "pct", "single_thread_env", "start_command_process",
+           "start_slime", "tiny_or"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# How long a benchmark waits for a server (a real checkpoint can take minutes to load).
+READY_TIMEOUT = 300
 
 
 def single_thread_env() -> dict[str, str]:
@@ -27,30 +24,19 @@ def single_thread_env() -> dict[str, str]:
 
 
 class Process:
-    def __init__(self, args: list[str], url: str, ready_path: str, log: Path):
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=single_thread_env(), stdout=self.log, stderr=subprocess.STDOUT)
+    """A server started and ready: `proc`, `url`, `stop()`."""
+
+    def __init__(self, proc: subprocess.Popen, url: str):
+        self.proc = proc
         self.url = url
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{args[:4]} exited; see {log}")
-            try:
-                if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{args[:4]} did not become ready; see {log}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        stop_process(self.proc)
+
+
+def start_command_process(args: Sequence[str], url: str, ready_path: str, log: Path) -> Process:
+    """Any server command (`transformers serve`, vLLM ...), single-threaded, output to `log`."""
+    return Process(start_command(args, url, ready_path, timeout=READY_TIMEOUT, env=single_thread_env(), log=log), url)
 
 
 def tiny_or(model: str | None) -> Path:
@@ -64,10 +50,8 @@ def tiny_or(model: str | None) -> Path:
 
 
 def start_slime(model: Path, log: Path, *extra: str) -> Process:
-    port = free_port()
-    args = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--device", "cpu",
-            "--log-level", "warning", *extra]
-    return Process(args, f"http://127.0.0.1:{port}", "/ready", log)
+    proc, url = start_server_process(model, *extra, timeout=READY_TIMEOUT, env=single_thread_env(), log=log)
+    return Process(proc, url)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -20,33 +20,22 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.live import ROOT, free_port, wait_for
 
 
 def _start(cwd: Path, model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    """`python -m server` from the tree at `cwd` (its own code first on the path)."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--port", str(port), "--device", "cpu",
                              "--log-level", "warning", *extra], cwd=cwd, env={**os.environ, "PYTHONPATH": str(cwd)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server in {cwd} did not become ready")
+    try:
+        wait_for(url, timeout=180, proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
 
 
 async def _one(c: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> tuple[int, list[float]]:

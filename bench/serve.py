@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from .common import Process, ROOT, free_port, median, pct, start_slime, tiny_or
+from .common import ROOT, Process, free_port, median, pct, start_command_process, start_slime, tiny_or
 from .sse_client import stream_events
 
 QUESTION = "What is unusual about this image?"
@@ -159,7 +159,7 @@ def start_transformers_serve(llm_dir: Path, log: Path) -> Process:
     exe = Path(sys.executable).with_name("transformers")
     args = [str(exe), "serve", str(llm_dir), "--port", str(port), "--continuous-batching",
             "--cb-num-blocks", "64", "--cb-block-size", "32", "--cb-max-batch-tokens", "512"]
-    return Process(args, f"http://127.0.0.1:{port}", "/health", log)
+    return start_command_process(args, f"http://127.0.0.1:{port}", "/health", log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints built once per session, and the two shared photos."""
+"""Shared fixtures: tiny checkpoints built once per session, and the two shared photos
+(paths and helpers live in tests/live.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# The two shared demo photos, kept in the repository: tests that use them must never be skipped
-# because a clone sits somewhere without the project's shared folder.
-IMAGES = ROOT / "tests" / "data" / "images"
-
-
-def photo(name: str) -> Path:
-    return IMAGES / name
+from tests.live import photo
 
 
 @pytest.fixture(scope="session")

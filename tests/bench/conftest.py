@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.settings import Settings
-from tests.server.conftest import LiveServer
+from tests.live import LiveServer
 
 
 @pytest.fixture(scope="module")

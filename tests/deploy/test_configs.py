@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from server.metrics import Metrics
-from tests.deploy.conftest import tool
+from tests.tools import tool
 
 pytestmark = pytest.mark.deploy
 

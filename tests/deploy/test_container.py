@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import tool
+from tests.tools import tool
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
@@ -77,7 +77,7 @@ def test_cpu_image_serves_health_and_a_chat_completion(image):
                  "req = urllib.request.Request('http://127.0.0.1:8000/v1/chat/completions', data=body,\n"
                  "                             headers={'Content-Type': 'application/json'})\n"
                  "chat = json.load(urllib.request.urlopen(req))\n"
-                 # an image request: slicing (the compiled resampler) and the vision stage
+                 # an image request: slicing (the compiled bicubic resize, model.pillow_bicubic) and the vision stage
                  "import base64, io, os\n"
                  "from PIL import Image\n"
                  "buf = io.BytesIO(); Image.new('RGB', (700, 500), (200, 30, 90)).save(buf, 'PNG')\n"
@@ -101,7 +101,7 @@ def test_cpu_image_serves_health_and_a_chat_completion(image):
         assert data["image_chat"]["usage"]["completion_tokens"] == 3
         assert data["image_chat"]["usage"]["prompt_tokens"] > 576
         assert data["engine_processes"] == 1  # the CPU image runs the engine in its own process
-        assert data["numba_cache"], "the resampler's kernels were not compiled into the image"
+        assert data["numba_cache"], "the bicubic resize kernels (model.pillow_bicubic) were not compiled into the image"
         uid = sh(podman, "exec", name, "id", "-u").stdout.strip()
         assert uid == "10001"  # non-root
         inspect = json.loads(sh(podman, "inspect", image).stdout)[0]

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.deploy.conftest import tool
-from tests.server.conftest import free_port, start_server_process, wait_for
+from tests.live import free_port, start_server_process, wait_for
+from tests.tools import tool
 
 pytestmark = pytest.mark.deploy
 
