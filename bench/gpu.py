@@ -33,7 +33,7 @@ def slime_7b_config():
 
 def build(device: torch.device, dtype: torch.dtype):
     from model.modeling import SliMEForCausalLM
-    from model.resampler import sincos_pos_embed_2d
+    from model.local_compressor import sincos_pos_embed_2d
 
     cfg, vcfg = slime_7b_config()
     with torch.device("meta"):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import SliMEConfig
-from .resampler import Resampler
+from .local_compressor import Resampler
 
 GLOBAL_TOKENS = 576  # the reference mixes experts only for sequences of this length
 

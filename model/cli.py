@@ -1,4 +1,4 @@
-"""One-shot CLI: `python -m model.generate --model DIR [--image PATH]... --prompt TEXT [--json]`.
+"""One-shot CLI: `python -m model.cli --model DIR [--image PATH]... --prompt TEXT [--json]`.
 
 With `--json` the last line of stdout is one JSON object: text, token_ids (generated, no prompt),
 prompt_tokens (positions fed to the LLM, image rows included) and per-image grid/view/token counts.
@@ -17,7 +17,7 @@ from .templates import TEMPLATES, Message
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m model.cli", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory")
     ap.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     ap.add_argument("--prompt", required=True)

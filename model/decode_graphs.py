@@ -2,9 +2,11 @@
 once before serving (`capture_all`) or each on first use, and replayed with new token ids and
 positions.
 
-A 7B decode step launches ~1,300 small kernels; from Python each launch costs more than the
-kernel itself at small batches, so eager decode reaches a fraction of the memory-bandwidth
-roofline. A replayed graph launches them all at once.
+A 7B decode step launches hundreds of small kernels: 11 ops per layer (32 layers) with the
+compiled pointwise kernels, 16 with the eager ones (see `model.pointwise`); `python -m bench.gpu
+--profile` measures the device ops of a step (457 for a compiled batch-1 step, BENCHMARKS.md).
+From Python each launch costs more than the kernel itself at small batches, so eager decode
+reaches a fraction of the memory-bandwidth roofline. A replayed graph launches them all at once.
 
 Shapes are fixed per graph: the batch is padded up to a bucket (1, 2, 4, 8, then multiples of 8)
 and the keys each row reads up to a multiple of `span_block` (the rest masked). Padding rows feed

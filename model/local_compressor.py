@@ -1,8 +1,9 @@
-"""Learnable-query cross-attention Resampler (spec section 3).
+"""The reference's local compressor: a learnable-query cross-attention `Resampler` (spec section 3).
 
-Used twice: in the global mixture of adapters (576 queries) and for local compression (144
-queries). Attention is `torch.nn.MultiheadAttention`, called as the reference calls it, so its
-numbers are the reference's.
+The class keeps the reference's name (`Resampler`); it has nothing to do with image resizing, which
+is `pillow_bicubic.py`. Used twice: for local compression (144 queries, `modeling.post_qformer`)
+and in the global mixture of adapters (576 queries). Attention is `torch.nn.MultiheadAttention`,
+called as the reference calls it, so its numbers are the reference's.
 """
 
 from __future__ import annotations

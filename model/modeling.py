@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import build_projector
 from .config import IMAGE_TOKEN_INDEX, SliMEConfig, VisionConfig
 from .llm import LlamaForCausalLM
-from .resampler import Resampler
+from .local_compressor import Resampler
 from .selection import select_tokens, selection_scores
 from .vision import CLIPVisionTower
 

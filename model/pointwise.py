@@ -1,10 +1,18 @@
 """The decoder's elementwise and normalisation ops, eager or compiled.
 
-At small decode batches a 7B step is bound by kernel count as much as by weight bytes: besides
-its 4 GEMMs each layer runs ~20 small kernels (norms, residual adds, RoPE, SiLU). On the CPU the
-eager forms are the reference's own ops, bit for bit. On CUDA the eager forms take fewer kernels,
-and `PointwiseKernels.compiled()` fuses each op group into one generated kernel (torch.compile):
-the residual add with the next RMSNorm, RoPE, SiLU times up.
+At small decode batches a 7B step is bound by kernel count as much as by weight bytes. Besides its
+4 GEMMs (q/k/v fused, o, gate/up fused, down), 2 KV-cache writes and attention, a decoder layer
+(`LlamaForCausalLM._run`) launches these ops, counted per layer in the code below:
+
+- the reference's own ops (the CPU, bit for bit): 25 (each RMSNorm 8, residual adds 2, RoPE 5,
+  SiLU and the multiply 2);
+- the eager CUDA forms: 9 (RMSNorm as one kernel, residual adds 2, RoPE in 3, SiLU and multiply 2);
+- `PointwiseKernels.make_compiled()` (CUDA, the server's default): 4 generated kernels
+  (torch.compile), one per op group: the residual add with the next RMSNorm (twice), RoPE, SiLU
+  times up.
+
+So a CUDA layer is 11 ops compiled, 16 eager. Some ops launch more than one kernel (cuBLAS, SDPA):
+`python -m bench.gpu --profile` measures the device ops of a whole 7B step (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -76,10 +84,16 @@ class PointwiseKernels:
 
     @classmethod
     def make_compiled(cls) -> "PointwiseKernels":
-        """torch.compile'd forms. Shapes are dynamic, but sizes 0/1, storage offsets and inference
-        vs normal tensors each make another variant (~6 per op in serving, all compiled during
-        warm-up): the variant limit is raised past dynamo's default of 8, and past it a call runs
-        eagerly rather than failing (no `fullgraph`). Compiling happens at each variant's first call."""
+        """The torch.compile'd forms (`dynamic=True`) of the reference's ops: residual add + RMSNorm
+        (`_reference_rms_norm`, so the weight multiplies after rounding, as the reference does, not
+        before as the eager CUDA `rms_norm`), RoPE (`rope`, unrolled sin) and SiLU times up, one
+        generated kernel each.
+
+        Nothing compiles here: each variant compiles at its first call (the engine's warm-up calls
+        every shape serving uses). Shapes are dynamic, but sizes 0/1, storage offsets and inference
+        vs normal tensors each make another variant, so this raises dynamo's process-wide
+        `recompile_limit` to at least 64 (default 8); past the limit a call runs eagerly rather
+        than failing (no `fullgraph`)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
         def comp(fn):

@@ -1,8 +1,8 @@
 """SliME's image slicing: grid choice, global view, local tiles and token counts (spec section 2).
 
-PIL, numpy and the compiled resampler (`resample.py`): no torch, no model. The token-count
-functions here are what the scheduler uses before any GPU work, so they must agree with what the
-model produces (tests check that).
+PIL, numpy and the compiled Pillow-exact bicubic resize (`pillow_bicubic.py`): no torch, no model.
+The token-count functions here are what the scheduler uses before any GPU work, so they must agree
+with what the model produces (tests check that).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .resample import resize_many
+from .pillow_bicubic import resize_many
 
 VIEW_SIZE = 336  # CLIP input side S
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -96,7 +96,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def resize(image: Image.Image, sizes: list[tuple[int, int]], parallel: bool = True) -> list[np.ndarray]:
-    """`[np.asarray(image.resize(size, BICUBIC)) for size in sizes]`, bit for bit (`model.resample`),
+    """`[np.asarray(image.resize(size, BICUBIC)) for size in sizes]`, bit for bit (`model.pillow_bicubic`),
     split over the resize threads for large photos (the kernels release the GIL)."""
     if not parallel or image.width * image.height < _PARALLEL_MIN_PIXELS:
         return resize_many(image, sizes)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.resampler import sincos_pos_embed_2d
+from model.local_compressor import sincos_pos_embed_2d
 
 from .tiny_tokenizer import build_llama3, build_sentencepiece
 

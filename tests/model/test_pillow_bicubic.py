@@ -1,4 +1,5 @@
-"""The compiled resampler against Pillow itself: every pixel, every shape."""
+"""`model.pillow_bicubic` (the compiled Pillow-exact bicubic resize) against Pillow itself: every
+pixel, every shape."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import resample
-from model.resample import bicubic_weights, resize_many
+from model import pillow_bicubic
+from model.pillow_bicubic import bicubic_weights, resize_many
 
 
 def _pillow(img, size):
@@ -19,7 +20,7 @@ def _random_image(rng, w, h):
 
 
 def test_the_compiled_kernels_are_in_use():
-    assert resample.numba is not None  # else every test below only checks Pillow against itself
+    assert pillow_bicubic.numba is not None  # else every test below only checks Pillow against itself
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])
@@ -59,7 +60,7 @@ def test_weights_sum_to_one_in_fixed_point():
         w = bicubic_weights(n_in, n_out)
         assert w.taps.shape[0] == n_out and (w.count >= 1).all()
         assert (w.first >= 0).all() and (w.first + w.count <= n_in).all()
-        assert np.abs(w.taps.sum(1) - (1 << resample.PRECISION_BITS)).max() <= w.taps.shape[1]
+        assert np.abs(w.taps.sum(1) - (1 << pillow_bicubic.PRECISION_BITS)).max() <= w.taps.shape[1]
 
 
 def test_non_rgb_is_refused():
@@ -71,6 +72,6 @@ def test_without_pillows_raw_encoder_the_public_conversion_gives_the_same_pixels
     img = _random_image(np.random.default_rng(4), 333, 251)
     sizes = [(336, 336), (120, 90)]
     fast = resize_many(img, sizes)
-    monkeypatch.setattr(resample, "_rgbx_from_storage", lambda *args: None)
+    monkeypatch.setattr(pillow_bicubic, "_rgbx_from_storage", lambda *args: None)
     for a, b, size in zip(resize_many(img, sizes), fast, sizes):
         assert np.array_equal(a, b) and np.array_equal(a, _pillow(img, size))

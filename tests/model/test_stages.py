@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model.adapters import GatedProjector
-from model.resampler import Resampler, interpolate_pos_embed, sincos_pos_embed_2d
+from model.local_compressor import Resampler, interpolate_pos_embed, sincos_pos_embed_2d
 from model.selection import select_tokens, selection_scores
 from model.slicing import count_image_tokens
 
