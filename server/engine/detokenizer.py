@@ -60,13 +60,12 @@ class IncrementalDetokenizer:
             self._prefix_text = None
 
     def _release(self, final: bool = False) -> str:
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
-                final = True
-                break
+        # the earliest match wins, whatever the stop strings' order (two can complete in one step)
+        hits = [at for s in self.stop if (at := self.text.find(s, max(0, self.emitted - len(s) + 1))) != -1]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+            final = True
         end = len(self.text)
         if not final:
             for s in self.stop:  # hold back a tail that may begin a stop string

@@ -18,8 +18,8 @@ class VisionCache:
     Entries are model.modeling.ImageFeatures (anything with `.nbytes`). The chat layer checks it
     (and pins the entry) before decoding an upload, so a repeated image skips decoding, slicing,
     CLIP and both adapters; only selection reruns. A pinned entry is not evicted for
-    `PIN_SECONDS`, long enough for its request to reach the engine (the bound may then be
-    exceeded, up to twice).
+    `PIN_SECONDS`, long enough for its request to reach the engine (while pinned entries fill
+    the cache, a new entry is not kept).
     """
 
     PIN_SECONDS = 60.0

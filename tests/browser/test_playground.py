@@ -7,8 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, photo
-from tests.server.conftest import LiveServer
+from tests.live import ROOT, LiveServer, photo
 from tests.tools import missing_tool
 
 pytestmark = pytest.mark.browser
@@ -70,6 +69,73 @@ def fresh_page(driver, site):
     by_id(driver, "clear").click()
 
 
+VIEW, CELLS = 336, 12  # CLIP view side; local tokens per view side
+TINT, KEEP_ALPHA, DIM_ALPHA = (255, 200, 0), 0.25, 0.55  # kept: tinted yellow; dropped: darkened
+
+
+def server_mask(site, image, question: str) -> str:
+    """The kept mask the server reports for this upload and question (`slime_selection`)."""
+    import base64
+
+    url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+    body = httpx.post(site.url + "/v1/chat/completions", timeout=120, json={
+        "model": site.state.settings.model_id, "max_tokens": 1, "slime_selection": True, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": question},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]}).json()
+    return body["slime"]["images"][0]["kept_mask"]
+
+
+def drawn_mask(driver, image, grid) -> str:
+    """Read the overlay canvas's pixels and tell, cell by cell, whether the heat map tinted it
+    (kept: 0.75 x photo + 0.25 x yellow) or dimmed it (dropped: 0.45 x photo), against the same
+    photo drawn by the browser without the heat map (resized and padded as SliME slices it)."""
+    import base64
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    cols, rows = grid
+    w, h = Image.open(image).size
+    tw, th = cols * VIEW, rows * VIEW
+    sw, sh = tw / w, th / h
+    nw, nh = (tw, min(math.ceil(h * sw), th)) if sw < sh else (min(math.ceil(w * sh), tw), th)
+    x, y, scale = (tw - nw) // 2, (th - nh) // 2, min(1, 672 / tw)
+    shown, plain, size = driver.execute_async_script("""
+        const [x, y, nw, nh, tw, th, scale, done] = arguments;
+        const canvas = document.querySelector("#overlays figure canvas");
+        const im = new Image();
+        im.onload = () => {
+          const ref = document.createElement("canvas");
+          ref.width = canvas.width; ref.height = canvas.height;
+          const g = ref.getContext("2d");
+          g.scale(scale, scale); g.fillStyle = "#000"; g.fillRect(0, 0, tw, th);
+          g.drawImage(im, x, y, nw, nh);
+          done([canvas.toDataURL("image/png"), ref.toDataURL("image/png"), [canvas.width, canvas.height]]);
+        };
+        im.src = document.querySelector("#messages li.user img").src;
+    """, x, y, nw, nh, tw, th, scale)
+    assert size == [round(tw * scale), round(th * scale)]
+
+    def pixels(data_url: str):
+        png = base64.b64decode(data_url.split(",", 1)[1])
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+
+    shown, plain = pixels(shown), pixels(plain)
+    n, across, margin = VIEW / CELLS, cols * CELLS, 4  # the margin keeps off the blue tile borders
+    out = []
+    for k in range(rows * CELLS * across):
+        cx, cy = (k % across) * n * scale, (k // across) * n * scale
+        cell = (slice(math.ceil(cy) + margin, math.floor(cy + n * scale) - margin),
+                slice(math.ceil(cx) + margin, math.floor(cx + n * scale) - margin))
+        ref = plain[cell]
+        tinted = np.abs(shown[cell] - ((1 - KEEP_ALPHA) * ref + KEEP_ALPHA * np.array(TINT))).mean()
+        dimmed = np.abs(shown[cell] - (1 - DIM_ALPHA) * ref).mean()
+        assert min(tinted, dimmed) < 3 and max(tinted, dimmed) > 15, f"cell {k} is neither tinted nor dimmed"
+        out.append("1" if tinted < dimmed else "0")
+    return "".join(out)
+
+
 def test_upload_ask_stream_and_overlay_matches_server(browser, site, tiny_lm):
     from model.generation import generate
     from model.images import load_image
@@ -93,8 +159,11 @@ def test_upload_ask_stream_and_overlay_matches_server(browser, site, tiny_lm):
                    SamplingParams(max_tokens=12, temperature=0))
     report = ref.images[0]
     assert int(fig.get_attribute("data-kept")) == report.local_kept
-    assert int(fig.get_attribute("data-mask-kept")) == report.local_kept  # cells drawn as kept
     assert int(fig.get_attribute("data-cells")) == report.local_tokens
+    # The heat map as drawn: each local token's cell tinted when the server kept it, dimmed when not.
+    mask = server_mask(site, image, "What is unusual about this image?")
+    assert len(mask) == report.local_tokens and mask.count("1") == report.local_kept
+    assert drawn_mask(browser, image, report.grid) == mask
     assert str(report.local_kept) in fig.text and f"grid {report.grid[0]} x {report.grid[1]}" in fig.text
     assert text.text.strip() == ref.text
     assert by_id(browser, "prompt-tokens").text == str(ref.prompt_tokens)

@@ -10,7 +10,7 @@ from model.images import load_image
 from model.loading import CheckpointError, LoadOptions, load_model
 from model.sampling import SamplingParams
 from model.templates import Message
-from tests.conftest import ROOT, photo
+from tests.live import ROOT, photo
 from weights.make_tiny import make_tiny
 
 
@@ -100,7 +100,7 @@ def test_greedy_output_depends_on_image_and_selector_keeps_strict_subset(tiny_lm
 
 
 def test_cli_json(tiny_dir, tiny_lm, ironing):
-    out = subprocess.run([sys.executable, "-m", "model.generate", "--model", str(tiny_dir), "--image",
+    out = subprocess.run([sys.executable, "-m", "model.cli", "--model", str(tiny_dir), "--image",
                           str(photo("extreme_ironing.jpg")), "--prompt", "What is unusual about this image?",
                           "--max-new-tokens", "8", "--json", "--device", "cpu"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -112,22 +112,38 @@ def test_cli_json(tiny_dir, tiny_lm, ironing):
     img = data["images"][0]
     assert img["grid"] == [2, 1] and img["views"] == 3 and img["global_tokens"] == 576
     assert img["local_tokens"] == 288 and img["local_kept"] == ref.images[0].local_kept
-    assert data["prompt_tokens"] == len([t for t in ref.token_ids]) * 0 + ref.prompt_tokens
+    assert data["text"] == ref.text and data["finish_reason"] == ref.finish_reason == "length"
+    # prompt positions = the prompt's text tokens + the image's rows (global, one separator, kept local)
+    from model.generation import prepare_prompt
+
+    ids, _ = prepare_prompt(tiny_lm, [Message("user", "What is unusual about this image?", 1)], [])
+    assert ids.count(-200) == 1
+    assert data["prompt_tokens"] == len(ids) - 1 + img["global_tokens"] + 1 + img["local_kept"]
 
 
 def test_cli_reports_unusable_checkpoint(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "model.generate", "--model", str(tmp_path), "--prompt", "hi"],
+    out = subprocess.run([sys.executable, "-m", "model.cli", "--model", str(tmp_path), "--prompt", "hi"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 1 and "config.json" in out.stderr
 
 
 def test_llama3_checkpoint_stops_at_eot(tiny_llama3_dir, ironing):
+    from tests.forced_eos import expected_stop, force_eos
+
     lm = load_model(tiny_llama3_dir, LoadOptions(device="cpu"))
     assert lm.template == "llama3"
     eot = lm.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert eot in lm.eos_token_ids
+    free = _greedy(lm, ironing, n=6)
+    assert free.prompt_tokens > 576 and free.finish_reason == "length" and len(free.token_ids) == 6
+    # The model now emits <|eot_id|> where it would emit its third token: generation ends there.
+    force_eos(lm, eot, free.token_ids[2])
+    want = expected_stop(free.token_ids, free.token_ids[2], eot)
     r = _greedy(lm, ironing, n=6)
-    assert r.prompt_tokens > 576
+    assert r.token_ids == want and len(want) <= 3
+    assert r.finish_reason == "stop"
+    assert r.text == lm.tokenizer.decode(want[:-1], skip_special_tokens=True).strip()
+    assert "eot" not in r.text
 
 
 def test_image_modes_are_converted(tmp_path):

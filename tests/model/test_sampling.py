@@ -20,13 +20,27 @@ def test_temperature_sharpens():
 
 
 def test_greedy_and_seeded_rows_in_one_batch():
+    """Greedy rows take the argmax; each seeded row draws from its own generator, so two rows with
+    the same seed and the same logits draw the same tokens step after step, whatever else shares
+    the batch, and a row draws what it draws alone."""
     torch.manual_seed(0)
-    logits = torch.randn(3, 50)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1, seed=7), SamplingParams(temperature=1, seed=7)]
-    a, _ = sample(logits, [SequenceSampler(p, [], torch.device("cpu")) for p in params])
-    b, _ = sample(logits, [SequenceSampler(p, [], torch.device("cpu")) for p in params])
-    assert a[0] == int(logits[0].argmax()) and a == b
-    assert a[1] == a[2] or logits[1].ne(logits[2]).any()
+    logits = torch.randn(4, 50)
+    logits[2] = logits[1]  # rows 1 and 2: same distribution, same seed
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1, seed=7), SamplingParams(temperature=1, seed=7),
+              SamplingParams(temperature=1, seed=8)]
+
+    def draws(rows: list[int], steps: int = 20) -> list[list[int]]:
+        samplers = [SequenceSampler(params[r], [], torch.device("cpu")) for r in rows]
+        out = [sample(logits[rows], samplers)[0] for _ in range(steps)]
+        return [list(col) for col in zip(*out)]  # per row: its tokens over the steps
+
+    batch = draws([0, 1, 2, 3])
+    assert batch == draws([0, 1, 2, 3])  # reproducible
+    assert batch[0] == [int(logits[0].argmax())] * 20
+    assert batch[1] == batch[2]  # same seed, same logits: same draws, though they share one batch
+    assert batch[1] == draws([1])[0] and batch[3] == draws([3])[0]  # as alone
+    assert batch[1] != batch[3]  # another seed draws another sequence (20 draws from 50 tokens)
+    assert len(set(batch[1])) > 1  # and really samples (not the argmax every time)
 
 
 def test_penalties_discourage_repeats():

@@ -9,7 +9,7 @@ from PIL import Image
 from model.generation import generate
 from model.sampling import SamplingParams
 from model.templates import Message
-from tests.server.conftest import data_url, image_message
+from tests.live import data_url, image_message
 
 MODEL = "tiny"
 QUESTION = "What is unusual about this image?"

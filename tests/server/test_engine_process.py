@@ -12,7 +12,7 @@ from model.generation import generate
 from model.sampling import SamplingParams
 from model.templates import Message
 from server.settings import Settings
-from tests.server.conftest import LiveServer, data_url, image_message, stream_lines
+from tests.live import LiveServer, data_url, image_message, stream_lines
 
 MODEL = "tiny"
 QUESTION = "What is unusual about this image?"

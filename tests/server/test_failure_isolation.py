@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from server.settings import Settings
-from tests.server.conftest import LiveServer, data_url, image_message
+from tests.live import LiveServer, data_url, image_message
 from tests.server.faults import POISON
 
 MODEL = "tiny"

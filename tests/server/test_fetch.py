@@ -25,8 +25,7 @@ import pytest
 from server.errors import APIError
 from server.fetch import FetchPolicy, address_allowed, fetch_image, ipv4_literal
 from server.settings import Settings
-from tests.conftest import ROOT
-from tests.server.conftest import LiveServer, image_message
+from tests.live import ROOT, LiveServer, image_message
 
 PARAM = "messages[0].content[1].image_url.url"
 LOOPBACK = ("127.0.0.0/8",)  # what the live-socket tests let through; every other check still runs

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from server.settings import Settings
-from tests.server.conftest import LiveServer
+from tests.live import LiveServer
 from tests.tools import missing_tool
 
 

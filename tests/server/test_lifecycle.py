@@ -3,7 +3,7 @@ import threading
 import httpx
 
 from server.settings import Settings
-from tests.server.conftest import LiveServer
+from tests.live import LiveServer
 
 
 def test_ready_is_503_until_loaded_then_200(tiny_dir):

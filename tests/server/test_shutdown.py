@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import start_server_process
+from tests.live import start_server_process
 
 
 @pytest.mark.parametrize("engine", ["in-process", "engine-process"])

@@ -4,7 +4,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.live import ROOT
 from weights.make_tiny import make_tiny
 from weights.verify import verify
 
