@@ -17,6 +17,11 @@ from .fetch import FetchPolicy, fetch_image
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+# The decoders Image.open may try (MPO comes through JPEG's): no other plugin parses client bytes.
+_OPEN_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Resizing cost grows with the longest side whatever the pixel count (a 64M x 1 strip: minutes, GBs
+# of filter taps); 65535 is JPEG's own limit.
+MAX_IMAGE_SIDE = 65535
 
 
 def image_bytes(url: str, *, param: str, policy: FetchPolicy | None) -> bytes:
@@ -57,17 +62,22 @@ def _b64decode(payload: str) -> bytes:
                     for i in range(0, len(payload), _B64_CHUNK))
 
 
-def open_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
+def open_image(data: bytes, *, max_pixels: int, param: str, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
     """Read the header, check the size, then decode. Pillow's own bomb guard stays on."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
             if img.format not in ALLOWED_FORMATS:
                 raise bad_request(f"unsupported image format {img.format}", param=param, code="invalid_image")
             w, h = img.size
+            if w < 1 or h < 1:
+                raise bad_request(f"image is {w} x {h}: it has no pixels", param=param, code="invalid_image")
             if w * h > max_pixels:
                 raise APIError(400, f"image is {w} x {h} = {w * h} pixels; the limit is {max_pixels}", param=param,
+                               code="image_too_large")
+            if max(w, h) > max_side:
+                raise APIError(400, f"image is {w} x {h}; no side may exceed {max_side} pixels", param=param,
                                code="image_too_large")
             img.load()
             return to_rgb(img)

@@ -1,13 +1,24 @@
-"""OpenAI chat-completions request models (pydantic, no torch) and their conversion to
-SamplingParams. Unknown fields and fields we do not implement are rejected, never ignored."""
+"""The chat-completions request body: pydantic models (no torch) and the checks that turn a bad one
+into a 400 before any work is done.
+
+- `ChatCompletionRequest` and its parts (messages, text / image_url content parts, stream options,
+  response format), plus SliME's `slime_selection` extension. Unknown fields are rejected, never
+  ignored; types are strict (no `"2"` for an integer, no `"yes"` for a boolean), as OpenAI's API
+  has them; content parts are tagged by hand so that a bad part gets its own error.
+- Range checks and float32 floors (a tiny temperature is greedy; top_p and repetition_penalty are
+  floored), `check_supported` (fields of OpenAI's API this server refuses by name,
+  `UNSUPPORTED_FIELDS`, and limits on n and stop) and `check_unicode` (lone UTF-16 surrogates).
+
+Turning a request into `SamplingParams` is `server.chat.ChatService.sampling_params`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from .errors import bad_request
+from .errors import APIError, bad_request
 
 # Fields of OpenAI's API that this server does not implement: a 400 names them.
 UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
@@ -16,7 +27,7 @@ UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "par
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -34,12 +45,30 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+def _part_kind(v: Any) -> str | None:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind) if isinstance(kind, str) else None
+
+
+def _content_kind(v: Any) -> str | None:
+    return "str" if isinstance(v, str) else "list[parts]" if isinstance(v, list) else None
+
+
+# Tagged by hand (tag names the 400's `param` leaves out), so that a bad part gets its own error
+# ("messages.0.content.0.image_url: Input should be a valid dictionary"), not the string branch's.
+ContentPart = Annotated[
+    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImagePart, Tag("ImagePart")]],
+    Discriminator(_part_kind, custom_error_type="invalid_content_part",
+                  custom_error_message="a content part must be an object with type 'text' or 'image_url'")]
+Content = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[list[ContentPart], Tag("list[parts]"), Field(min_length=1)]],
+    Discriminator(_content_kind, custom_error_type="invalid_content",
+                  custom_error_message="content must be a string or a non-empty list of content parts")]
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[Content, None] = None
     name: str | None = None
 
 
@@ -51,8 +80,18 @@ class ResponseFormat(_Strict):
     type: str
 
 
+# Torch seeds are 64-bit; n > 1 seeds its choices seed, seed + 1, ...
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# The sampler works in float32: a temperature this small is greedy (as vLLM has it), and top_p /
+# repetition_penalty below these floors would underflow to 0 (0-division, NaN probabilities)
+# without changing which tokens can be drawn.
+GREEDY_BELOW = 1e-5
+TOP_P_FLOOR = 1e-30
+REPETITION_PENALTY_FLOOR = 1e-6
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -63,7 +102,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -95,6 +134,27 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_key: Any = None
     safety_identifier: Any = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, v: float | None) -> float | None:
+        return 0.0 if v is not None and v < GREEDY_BELOW else v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_floor(cls, v: float | None) -> float | None:
+        return None if v is None else max(v, TOP_P_FLOOR)
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty_floor(cls, v: float | None) -> float | None:
+        return None if v is None else max(v, REPETITION_PENALTY_FLOOR)
+
     def check_supported(self, *, max_n: int, max_stop: int) -> None:
         for name in UNSUPPORTED_FIELDS:
             if getattr(self, name) is not None:
@@ -116,3 +176,37 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def check_unicode(data: Any) -> None:
+    """400 for a lone UTF-16 surrogate (`"\\ud800"`) in any key or string: JSON escapes allow one,
+    but it is not Unicode; the tokenizer and the UTF-8 response writer would fail on it."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:  # no recursion: the body's nesting depth is the client's choice
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key_path = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and not _is_unicode(k):
+                    _surrogate_error(path or None)
+                stack.append((v, key_path))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(value))
+        elif isinstance(value, str) and not _is_unicode(value):
+            _surrogate_error(path or None)
+
+
+def _is_unicode(s: str) -> bool:
+    if s.isascii():  # O(1) for str: the common case, base64 images included
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_error(param: str | None) -> None:
+    where = f" in {param.encode('ascii', 'backslashreplace').decode()}" if param else ""
+    raise APIError(400, f"request body is not valid JSON: a lone UTF-16 surrogate escape{where} is not Unicode",
+                   param=param, code="invalid_json")

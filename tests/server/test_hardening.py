@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from server.settings import Settings
-from tests.server.conftest import LiveServer, data_url, image_message, stream_lines
+from tests.live import LiveServer, data_url, image_message, stream_lines
 
 MODEL = "tiny"
 
@@ -359,7 +359,7 @@ def test_health_and_metrics_stay_fast_while_large_images_are_preprocessed(tiny_d
     import io
     import json
 
-    from tests.server.conftest import start_server_process
+    from tests.live import start_server_process
 
     proc, url = start_server_process(tiny_dir)
     try:
