@@ -9,7 +9,7 @@ into a 400 before any work is done.
   floored), `check_supported` (fields of OpenAI's API this server refuses by name,
   `UNSUPPORTED_FIELDS`, and limits on n and stop) and `check_unicode` (lone UTF-16 surrogates).
 
-Turning a request into `SamplingParams` is `server.chat.ChatService.sampling_params`.
+Turning a request into `SamplingParams` is `server.prepare.RequestPreparer.sampling_params`.
 """
 
 from __future__ import annotations
@@ -210,3 +210,89 @@ def _surrogate_error(param: str | None) -> None:
     where = f" in {param.encode('ascii', 'backslashreplace').decode()}" if param else ""
     raise APIError(400, f"request body is not valid JSON: a lone UTF-16 surrogate escape{where} is not Unicode",
                    param=param, code="invalid_json")
+
+
+# -- responses (what this server sends; serialised with exclude_unset, so optional fields appear
+# only where set: `usage` on chunks only with stream_options.include_usage, `slime` on request;
+# `object` and `role` have no defaults, so that they are always set) ---------------------------
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int  # every position the LLM saw, image rows included
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ImageSelection(BaseModel):
+    """The `slime_selection` extension: what SliME did with one image."""
+
+    grid: list[int] | None
+    views: int
+    global_tokens: int
+    local_tokens: int
+    local_kept: int
+    kept_mask: str | None = None  # one 0/1 per local token, raster order of the whole image
+
+
+class SliMEReport(BaseModel):
+    images: list[ImageSelection]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    slime: SliMEReport | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    slime: SliMEReport | None = None
+
+
+def dump(model: BaseModel) -> str:
+    return model.model_dump_json(exclude_unset=True)

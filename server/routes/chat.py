@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from ..errors import APIError
-from ..protocol import ChatCompletionRequest
+from ..protocol import ChatCompletionRequest, dump
 from .deps import ChatDep
 
 router = APIRouter()
@@ -35,7 +35,7 @@ async def chat_completions(request: Request, chat: ChatDep):
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
-                return task.result()
+                return Response(dump(task.result()), media_type="application/json")
             if await request.is_disconnected():
                 task.cancel()
                 return Response(status_code=499)
@@ -56,18 +56,24 @@ async def _parse(request: Request) -> ChatCompletionRequest:
     return _validate(raw)
 
 
+# union members' tags in pydantic's error locations (see protocol.py), not fields a client wrote
+_UNION_TAGS = {"TextPart", "ImagePart", "str", "list[parts]"}
+
+
 def _validate(raw: bytes) -> ChatCompletionRequest:
     try:
         data: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(x) for x in err["loc"] if not str(x).startswith(("TextPart", "ImagePart", "str", "list["))]
+        loc = [str(x) for x in err["loc"] if str(x) not in _UNION_TAGS]
         param = ".".join(loc) or None
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"'{param}' is not a supported parameter", param=param,

@@ -356,3 +356,11 @@ def test_seeded_fuzz_never_5xx(http, small):
     assert server_errors(small) == before
     assert http.get("/health").status_code == 200
     assert http.post("/v1/chat/completions", json=hi()).status_code == 200
+
+
+@pytest.mark.parametrize("field,value", [("stream", "yes"), ("stream_options", {"include_usage": "maybe"})])
+def test_errors_on_stream_fields_name_them(small, field, value):
+    r = httpx.post(small.url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"].startswith(field), r.json()

@@ -1,0 +1,131 @@
+"""Request preparation: an OpenAI chat request -> prompt token ids, prepared images and sampling
+parameters, i.e. the engine requests to submit. Runs in a worker thread (image decoding, slicing
+and tokenising are CPU work that must stay off the event loop)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from model.config import IMAGE_TOKEN_INDEX
+from model.processor import PreparedImage, prepare_image, tokenize_prompt
+from model.sampling import SamplingParams
+from model.templates import Message, build_prompt
+
+from .engine.types import CachedImage, EngineRequest, ModelInfo
+from .errors import APIError, bad_request
+from .fetch import FetchPolicy
+from .media import image_bytes, open_image
+from .protocol import ChatCompletionRequest
+from .settings import Settings
+
+
+@dataclass
+class Prepared:
+    input_ids: list[int]
+    images: list[Any]
+    max_prompt_tokens: int  # image rows counted before selection: an upper bound
+
+
+class RequestPreparer:
+    def __init__(self, settings: Settings, info: ModelInfo, cached_image: Callable[[str], CachedImage | None],
+                 metrics=None):
+        self.settings = settings
+        self.info = info
+        self.cached_image = cached_image  # the engine's vision-cache lookup (pins a hit)
+        self.metrics = metrics
+        self.template = info.template if settings.chat_template == "auto" else settings.chat_template
+        self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,
+                                        settings.max_request_bytes, settings.image_url_max_redirects,
+                                        settings.image_url_allow_private) if settings.allow_image_urls else None
+
+    def messages(self, req: ChatCompletionRequest) -> tuple[list[Message], list[tuple[str, str]]]:
+        if len(req.messages) > self.settings.max_messages:
+            raise bad_request(f"at most {self.settings.max_messages} messages are allowed", param="messages")
+        messages: list[Message] = []
+        urls: list[tuple[str, str]] = []
+        for i, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role
+            if m.content is None:
+                if role != "assistant":
+                    raise bad_request("content is required", param=f"messages[{i}].content")
+                messages.append(Message("assistant", ""))
+                continue
+            if isinstance(m.content, str):
+                messages.append(Message(role, m.content))
+                continue
+            texts, n_img = [], 0
+            for j, part in enumerate(m.content):
+                if part.type == "text":
+                    texts.append(part.text)
+                else:
+                    if role != "user":
+                        raise bad_request("only user messages can carry images", param=f"messages[{i}].content[{j}]")
+                    if part.image_url.detail == "low":
+                        raise bad_request("detail 'low' is not supported: SliME always slices the image",
+                                          param=f"messages[{i}].content[{j}].image_url.detail")
+                    urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
+                    n_img += 1
+            messages.append(Message(role, "\n".join(texts), n_img))
+        if len(urls) > self.settings.max_images_per_request:
+            raise bad_request(f"at most {self.settings.max_images_per_request} images per request",
+                              param="messages", code="too_many_images")
+        return messages, urls
+
+    def prepare(self, req: ChatCompletionRequest) -> Prepared:
+        messages, urls = self.messages(req)
+        t0 = time.perf_counter()
+        images = []
+        for url, param in urls:
+            data = image_bytes(url, param=param, policy=self.fetch_policy)
+            digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+            cached = self.cached_image(digest)
+            if self.metrics and self.settings.vision_cache_mb:
+                self.metrics.vision_cache.labels("hit" if cached is not None else "miss").inc()
+            if cached is not None:  # seen before: no decoding, slicing or vision encoding
+                images.append(PreparedImage(None, cached.grid, digest))
+                continue
+            img = open_image(data, max_pixels=self.settings.max_image_pixels, param=param)
+            images.append(prepare_image(img, self.info.cfg, digest, norm=self.info.image_norm))
+        if images and self.metrics:
+            self.metrics.preprocess.observe(time.perf_counter() - t0)
+            self.metrics.images.inc(len(images))
+        if images and not self.info.accepts_images:
+            raise bad_request("this model does not accept images", param="messages")
+        try:
+            pieces = build_prompt(messages, self.template)
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
+        ids = tokenize_prompt(self.info.tokenizer, pieces)
+        bound = sum(1 for t in ids if t != IMAGE_TOKEN_INDEX) + sum(im.max_rows(self.info.cfg) for im in images)
+        return Prepared(ids, images, bound)
+
+    def sampling_params(self, req: ChatCompletionRequest, prompt_bound: int) -> SamplingParams:
+        s = self.settings
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is not None and max_tokens > s.max_tokens_cap:
+            raise bad_request(f"max_tokens must be at most {s.max_tokens_cap}", param="max_tokens")
+        room = s.max_model_len - prompt_bound
+        if max_tokens is None:
+            max_tokens = min(s.default_max_tokens, room)
+        if room < 1 or prompt_bound + max_tokens > s.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {s.max_model_len} tokens. The prompt "
+                                f"needs up to {prompt_bound} (image rows included) and {max_tokens} were asked "
+                                f"for the completion.", param="messages", code="context_length_exceeded")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0,
+                              top_k=req.top_k or 0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              repetition_penalty=req.repetition_penalty or 1.0, stop=req.stop_list,
+                              ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+
+    @staticmethod
+    def engine_requests(req: ChatCompletionRequest, cid: str, prepared: Prepared,
+                        params: SamplingParams) -> list[EngineRequest]:
+        """One engine request per choice; choice i of a seeded request draws with seed + i."""
+        return [EngineRequest(f"{cid}-{i}", prepared.input_ids, prepared.images,
+                              params if i == 0 or params.seed is None else replace(params, seed=params.seed + i),
+                              prepared.max_prompt_tokens, slime_selection=req.slime_selection)
+                for i in range(req.n)]
