@@ -1,6 +1,5 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, so client-disconnect detection keeps working):
-request-body limits enforced while reading (size; nesting too deep to parse), and API-key auth on
-the inference routes."""
+request-body limit enforced while reading, and API-key auth on the inference routes."""
 
 from __future__ import annotations
 
@@ -23,14 +22,8 @@ class _TooLarge(Exception):
     pass
 
 
-# json.loads follows nesting on the stack and raises RecursionError (a 500) near depth 1000: a body
-# with more opening brackets than this that meets a RecursionError gets a 400 instead.
-DEEP_BODY_BRACKETS = 256
-
-
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: from Content-Length up front, else while streaming it in.
-    400 for a body nested deeper than the JSON parser can follow."""
+    """413 for a body over `max_bytes`: from Content-Length up front, else while streaming it in."""
 
     def __init__(self, app, *, max_bytes: int, on_error=None):
         self.app = app
@@ -51,18 +44,16 @@ class BodyLimitMiddleware:
                     if self.on_error:
                         self.on_error(err)
                     return await _send_error(send, err)
-        seen = brackets = 0
+        seen = 0
         started = False
 
         async def limited_receive():
-            nonlocal seen, brackets
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                seen += len(chunk)
+                seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise _TooLarge
-                brackets += chunk.count(b"[") + chunk.count(b"{")
             return message
 
         async def tracking_send(message):
@@ -78,13 +69,6 @@ class BodyLimitMiddleware:
                 self.on_error(err)
             if not started:
                 await _send_error(send, err)
-        except RecursionError:
-            if started or brackets <= DEEP_BODY_BRACKETS:
-                raise  # not the body's nesting: a bug of ours, for the 500 handler
-            deep = APIError(400, "request body is not valid JSON: it is nested too deeply", code="invalid_json")
-            if self.on_error:
-                self.on_error(deep)
-            await _send_error(send, deep)
 
 
 class APIKeyMiddleware:
