@@ -36,6 +36,15 @@ PREPROCESSOR = {"crop_size": {"height": 336, "width": 336}, "do_center_crop": Tr
                 "resample": 3, "size": {"shortest_edge": 336}}
 LLM = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096}
+# LLM shapes by --size: tiny for tests (all overhead); small (~20M parameters: hidden 512, 6 layers,
+# 8 heads of 64, 4 KV heads) and medium (~100M) for benchmarks where the compute is real work.
+SIZES = {
+    "tiny": LLM,
+    "small": {**LLM, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+              "num_key_value_heads": 4},
+    "medium": {**LLM, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+               "num_attention_heads": 16, "num_key_value_heads": 8},
+}
 
 
 def _vision_tensors(g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -76,10 +85,10 @@ def _resampler_tensors(prefix: str, grid: int, dim: int, g: torch.Generator) -> 
             **{prefix + f"{ln}.bias": rnd(dim, std=0.1) for ln in ("ln_q", "ln_kv", "ln_post")}}
 
 
-def _llm_tensors(vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    d, i = LLM["hidden_size"], LLM["intermediate_size"]
-    hd = d // LLM["num_attention_heads"]
-    kv = LLM["num_key_value_heads"] * hd
+def _llm_tensors(vocab: int, g: torch.Generator, llm: dict) -> dict[str, torch.Tensor]:
+    d, i = llm["hidden_size"], llm["intermediate_size"]
+    hd = d // llm["num_attention_heads"]
+    kv = llm["num_key_value_heads"] * hd
 
     def rnd(*shape, std):
         return torch.randn(*shape, generator=g) * std
@@ -89,7 +98,7 @@ def _llm_tensors(vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     common = rnd(d, std=1.0)
     t = {"model.embed_tokens.weight": rnd(vocab, d, std=1.0) + common,
          "model.norm.weight": 1 + rnd(d, std=0.1), "lm_head.weight": rnd(vocab, d, std=d**-0.5 * 4)}
-    for layer in range(LLM["num_hidden_layers"]):
+    for layer in range(llm["num_hidden_layers"]):
         pre = f"model.layers.{layer}."
         t[pre + "self_attn.q_proj.weight"] = rnd(d, d, std=d**-0.5)
         t[pre + "self_attn.k_proj.weight"] = rnd(kv, d, std=d**-0.5)
@@ -103,8 +112,8 @@ def _llm_tensors(vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return t
 
 
-def _projector_tensors(kind: str, g: torch.Generator) -> dict[str, torch.Tensor]:
-    dv, d = VISION["hidden_size"], LLM["hidden_size"]
+def _projector_tensors(kind: str, g: torch.Generator, d: int) -> dict[str, torch.Tensor]:
+    dv = VISION["hidden_size"]
 
     def rnd(*shape, std):
         return torch.randn(*shape, generator=g) * std
@@ -149,8 +158,10 @@ def _save(tensors: dict[str, torch.Tensor], out: Path, fmt: str) -> None:
 
 
 def make_tiny(out: str | Path, *, template: str = "vicuna_v1", seed: int = 0, fmt: str = "safetensors",
-              tower: str = "separate", projector: str = "gated") -> Path:
-    """Write the tiny checkpoint to `out` (replaced atomically) and return its path."""
+              tower: str = "separate", projector: str = "gated", size: str = "tiny") -> Path:
+    """Write the tiny checkpoint to `out` (replaced atomically) and return its path. `size` picks
+    the LLM's shapes (SIZES); the vision side and the tokenizer are the same for every size."""
+    llm = SIZES[size]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
@@ -168,12 +179,12 @@ def make_tiny(out: str | Path, *, template: str = "vicuna_v1", seed: int = 0, fm
         sep = tok.convert_tokens_to_ids(",")  # as official configs: the id of ","
         g = torch.Generator().manual_seed(seed)
         vision = _vision_tensors(g)
-        tensors = {**_llm_tensors(vocab, g), **_projector_tensors(projector, g)}
+        tensors = {**_llm_tensors(vocab, g, llm), **_projector_tensors(projector, g, llm["hidden_size"])}
         slime = projector == "gated"
         eos = tok.eos_token_id if template == "vicuna_v1" else [tok.convert_tokens_to_ids("<|end_of_text|>"),
                                                                  tok.convert_tokens_to_ids("<|eot_id|>")]
         config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": vocab,
-                  **LLM, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
+                  **llm, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
                   "bos_token_id": tok.bos_token_id, "eos_token_id": eos, "pad_token_id": None,
                   "mm_vision_tower": TOWER_DIR, "mm_hidden_size": VISION["hidden_size"],
                   "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
@@ -199,8 +210,9 @@ def make_tiny(out: str | Path, *, template: str = "vicuna_v1", seed: int = 0, fm
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, "do_sample": False}, indent=2))
         (tmp / "README.md").write_text(
-            "Tiny random SliME checkpoint made by `python -m weights.make_tiny` (seed %d, template %s).\n"
-            "Its answers are random words: it exists to exercise the real loading and serving code.\n" % (seed, template))
+            "Random SliME checkpoint made by `python -m weights.make_tiny` (size %s, seed %d, template %s).\n"
+            "Its answers are random words: it exists to exercise the real loading and serving code.\n"
+            % (size, seed, template))
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -219,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", dest="fmt", choices=["safetensors", "sharded", "bin"], default="safetensors")
     ap.add_argument("--tower", choices=["separate", "embedded"], default="separate")
     ap.add_argument("--projector", choices=["gated", "mlp2x_gelu", "linear"], default="gated")
+    ap.add_argument("--size", choices=list(SIZES), default="tiny",
+                    help="LLM shapes: tiny (tests), small (~20M parameters), medium (~100M) for benchmarks")
     args = ap.parse_args(argv)
     path = make_tiny(args.out, template=args.template, seed=args.seed, fmt=args.fmt, tower=args.tower,
-                     projector=args.projector)
+                     projector=args.projector, size=args.size)
     print(path)
     return 0
 

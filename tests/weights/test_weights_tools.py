@@ -4,6 +4,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.live import ROOT
 from weights.make_tiny import make_tiny
 from weights.verify import verify
@@ -77,3 +79,22 @@ def test_download_fetches_checkpoint_then_its_tower(tmp_path, tiny_dir, monkeypa
     from model.loading import LoadOptions, load_model
 
     assert load_model(path, LoadOptions(device="cpu")).model.vision_tower is not None
+
+
+@pytest.mark.parametrize("size,params", [("small", (18e6, 24e6))])
+def test_benchmark_sizes_load_and_serve_a_request(tmp_path, size, params):
+    from model.generation import generate
+    from model.loading import LoadOptions, load_model
+    from model.sampling import SamplingParams
+    from model.templates import Message
+    from weights.make_tiny import SIZES, make_tiny
+
+    path = make_tiny(tmp_path / size, size=size)
+    lm = load_model(path, LoadOptions(device="cpu"))
+    cfg = SIZES[size]
+    assert (lm.cfg.hidden_size, lm.cfg.num_hidden_layers, lm.cfg.num_key_value_heads) == (
+        cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"])
+    layers = sum(p.numel() for n, p in lm.model.llm.named_parameters() if ".layers." in n)
+    assert params[0] < layers < params[1]
+    out = generate(lm, [Message("user", "hi")], [], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 3
