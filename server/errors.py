@@ -24,17 +24,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-# How an engine-level failure reaches a client: (status, type, code)
-_ENGINE_ERRORS = {
-    "invalid_request": (400, "invalid_request_error", None),
-    "model_error": (500, "server_error", "model_error"),
-    "retry": (503, "unavailable", "retry"),
-    "unavailable": (503, "unavailable", "engine_unavailable"),
-}
-
-
 def engine_error(error) -> APIError:
     """A server.engine.types.EngineError as the API answers it."""
-    status, type_, code = _ENGINE_ERRORS[error.kind.value]
+    from .engine.types import ErrorKind
+
+    status, type_, code = {
+        ErrorKind.INVALID_REQUEST: (400, "invalid_request_error", "context_length_exceeded"),
+        ErrorKind.MODEL_ERROR: (500, "server_error", "model_error"),
+        ErrorKind.RETRY: (503, "unavailable", "retry"),
+        ErrorKind.UNAVAILABLE: (503, "unavailable", "engine_unavailable"),
+    }[error.kind]
     headers = {"Retry-After": "1"} if status == 503 else None
     return APIError(status, error.message, type=type_, code=code, headers=headers)

@@ -69,7 +69,7 @@ class IncrementalDetokenizer:
         end = len(self.text)
         if not final:
             for s in self.stop:  # hold back a tail that may begin a stop string
-                for k in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                for k in range(min(len(s) - 1, len(self.text) - self.emitted), 0, -1):
                     if self.text.endswith(s[:k]):
                         end = min(end, len(self.text) - k)
                         break

@@ -117,6 +117,9 @@ class Engine:
         if not self._alive:
             raise EngineDead("the engine is not running")
         stream = self._streams.open(request.request_id)
+        if not self._alive:  # stopped meanwhile: its last sweep may have missed this stream
+            self._streams.discard(request.request_id)
+            raise EngineDead("the engine is not running")
         self._inbox.put(_Add(request))
         return stream
 
@@ -181,11 +184,33 @@ class Engine:
     def _loop(self) -> None:
         name_os_thread("slime-engine")
         try:
-            self._run()
+            broken = self._run()
+            self._shut_down(EngineError(ErrorKind.UNAVAILABLE, "the engine stopped: the model fails every step")
+                            if broken else EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
+        except Exception:  # noqa: BLE001 - end every stream, then let the thread go
+            log.exception("the engine loop died")
+            self._alive = False
+            self._end_all(EngineError(ErrorKind.UNAVAILABLE, "the engine stopped"))
         finally:
             self._alive = False
 
-    def _run(self) -> None:
+    def _shut_down(self, gone: EngineError) -> None:
+        self._alive = False
+        for seq in self.scheduler.decoding + self.scheduler.prefilling:
+            self._fail(seq, gone)
+        self.scheduler.waiting.clear()
+        self._end_all(gone)
+
+    def _end_all(self, error: EngineError) -> None:
+        """Every request still registered (waiting, in the vision stage, running, not yet picked up)
+        ends now with `error`, without touching the model (which may be what broke)."""
+        self._outbox = [(rid, Event(finish_reason="error", error=error))
+                        for rid in self._streams.ids() + list(self._detached)]
+        self._flush()
+
+    def _run(self) -> bool:
+        """The step loop, until stopped (-> False) or the model fails every step (-> True: the
+        engine is dead, /health says so, and a restart is the cure)."""
         while not self._stop.is_set():
             idle = not self.scheduler.has_work
             try:
@@ -203,24 +228,30 @@ class Engine:
                     self.step()
                 except Exception:  # noqa: BLE001 - a bug in step bookkeeping must not kill the loop
                     log.exception("engine step failed")
-                    for seq in self.scheduler.decoding + self.scheduler.prefilling:
-                        self._fail(seq, EngineError(ErrorKind.MODEL_ERROR, "internal error in the engine step"))
+                    self._fail_running(EngineError(ErrorKind.MODEL_ERROR, "internal error in the engine step"))
             self._flush()
-        self._alive = False
-        gone = EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+            if self.executor.broken:
+                log.error("the model failed %d decode steps in a row: stopping the engine", self.executor.failed_steps)
+                return True
+        return False
+
+    def _fail_running(self, error: EngineError) -> None:
+        """Every admitted sequence fails; the slot table starts afresh (no cache moves: the
+        bookkeeping that failed cannot be trusted)."""
         for seq in self.scheduler.decoding + self.scheduler.prefilling:
-            self._fail(seq, gone)
-        self.scheduler.waiting.clear()
-        # Everything still registered (waiting, in the vision stage, not yet picked up) ends now.
-        for request_id in self._streams.ids() + list(self._detached):
-            self._emit(request_id, Event(finish_reason="error", error=gone))
-        self._flush()
+            self._emit(seq.request.request_id, Event(finish_reason="error", error=error))
+            self._record_finish(seq, "error", status="error")
+        waiting = self.scheduler.waiting
+        self.scheduler = Scheduler(num_slots=self.scheduler.num_slots)
+        self.scheduler.waiting = waiting
+        self._by_id.clear()
 
     def _handle(self, item) -> None:
         if item is None:  # stop's wake-up
             return
         if isinstance(item, _Add):
             if not self._wanted(item.request.request_id):  # consumer already gone
+                self._stats.finished.append(FinishedRequest("aborted", "abort", 0, 0, None))
                 return
             if self.vision is not None and item.request.images:
                 self.vision.submit(item.request)
@@ -229,7 +260,8 @@ class Engine:
         elif isinstance(item, _VisionDone):
             self.vision.pending -= 1  # type: ignore[union-attr]
             req, error = item.request, item.error
-            if not self._wanted(req.request_id):
+            if not self._wanted(req.request_id):  # aborted in the vision stage
+                self._stats.finished.append(FinishedRequest("aborted", "abort", 0, 0, None))
                 return
             if error is not None:
                 kind = ErrorKind.RETRY if isinstance(error, CacheMiss) else ErrorKind.MODEL_ERROR
@@ -241,6 +273,7 @@ class Engine:
             self.scheduler.add(req)
         elif isinstance(item, _Abort):
             if self.scheduler.drop_waiting(item.request_id) is not None:
+                self._stats.finished.append(FinishedRequest("aborted", "abort", 0, 0, None))
                 return
             seq = self._by_id.get(item.request_id)
             if seq is not None:

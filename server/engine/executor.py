@@ -12,16 +12,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .runner import ModelRunner
+from .runner import ModelRunner, PromptTooLong
 from .scheduler import SequenceState, StepPlan
 from .types import EngineError, EngineRequest, ErrorKind, TokenLogprob
 from .vision_cache import CacheMiss
 
 log = logging.getLogger(__name__)
 
-# After this many decode failures in a row that no single sequence can be blamed for, the
-# whole batch fails (something is broken for everyone; retrying forever would hang them all).
-MAX_UNATTRIBUTED_FAILURES = 3
+# After this many decode steps in a row that fail (a culprit found or not), the model is taken to
+# be broken for everyone (a dead device fails every forward, and bisection would blame one
+# innocent request per step): the batch fails and the engine stops, so that /health says so.
+MAX_FAILED_STEPS = 3
 
 FaultHook = Callable[[str, list[EngineRequest]], None]
 
@@ -56,7 +57,11 @@ class StepExecutor:
         # Tests: f(stage, requests) inside each model stage ("vision", "prefill", "decode",
         # "sample") with the requests it serves; what it raises fails like a model error.
         self.fault_hook = fault_hook
-        self._unattributed = 0
+        self.failed_steps = 0  # consecutive decode steps whose forward failed
+
+    @property
+    def broken(self) -> bool:
+        return self.failed_steps >= MAX_FAILED_STEPS
 
     def inject(self, stage: str, requests: list[EngineRequest]) -> None:
         if self.fault_hook is not None:
@@ -93,7 +98,7 @@ class StepExecutor:
             out.first = self.runner.prefill_chunk(seq, budget)
         except CacheMiss as e:
             out.error = EngineError(ErrorKind.RETRY, str(e))
-        except ValueError as e:  # the request cannot run as asked (e.g. too long once its image rows are known)
+        except PromptTooLong as e:
             out.error = EngineError(ErrorKind.INVALID_REQUEST, str(e))
         except Exception:  # noqa: BLE001 - fails this request only
             log.exception("prefill failed for %s", seq.request.request_id)
@@ -116,13 +121,12 @@ class StepExecutor:
             logits = self._forward(seqs)  # [B, V]
         except Exception:  # noqa: BLE001 - find who caused it; the others decode again next step
             log.exception("decode forward failed for a batch of %d", len(seqs))
-            culprit = self._forward_culprit(seqs)
-            self._unattributed = 0 if culprit is not None else self._unattributed + 1
-            if self._unattributed >= MAX_UNATTRIBUTED_FAILURES:
-                self._unattributed = 0
+            self.failed_steps += 1
+            if self.broken:
                 return [DecodeOutcome(s, error=failed) for s in seqs]
+            culprit = self._forward_culprit(seqs)  # None: transient; all decode again next step
             return [DecodeOutcome(s, error=failed if s is culprit else None) for s in seqs]
-        self._unattributed = 0
+        self.failed_steps = 0
         rng = self.runner.rng_states(seqs)
         try:
             tokens, infos = self._sample(logits, seqs)

@@ -316,5 +316,7 @@ class ProcessEngineClient:
             log.error("the engine process exited (code %s)", self.process.exitcode)
         finally:
             self._alive = False
+            for slot in list(self._lookups.values()):  # lookups waiting for an answer: none will come
+                slot[0].set()
             gone = Event.failed(ErrorKind.UNAVAILABLE, "the engine stopped")
             self._streams.dispatch([(rid, gone) for rid in self._streams.ids()])

@@ -40,6 +40,10 @@ def fit_slots(num_slots: int, max_model_len: int, cfg, dtype: torch.dtype, devic
     return min(num_slots, fit)
 
 
+class PromptTooLong(ValueError):
+    """Known only once the images' kept tokens are: the request cannot run as asked."""
+
+
 class SeqState:
     """Per-sequence runner state."""
 
@@ -141,7 +145,9 @@ class ModelRunner:
         seq.embeds = embeds
         seq.prompt_len = embeds.shape[0]
         if seq.prompt_len + req.params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({seq.prompt_len} positions) plus max_tokens exceeds the context")
+            raise PromptTooLong(f"the prompt needs {seq.prompt_len} positions (image rows included) and "
+                                f"{req.params.max_tokens} were asked for the completion: more than the "
+                                f"{self.max_model_len} of the context")
         seq.state = SeqState(SequenceSampler(req.params, req.input_ids, self.device),
                              IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
                                                     [t for t in req.input_ids[-4:] if t >= 0]))

@@ -146,6 +146,8 @@ class Scheduler:
             self._free.add(seq.slot)
             return None
         i = seq.slot
+        if not 0 <= i < len(self.decoding) or self.decoding[i] is not seq:
+            raise RuntimeError(f"{seq.request.request_id} holds no slot (released twice?)")
         last = self.decoding.pop()
         move = None
         if last is not seq:

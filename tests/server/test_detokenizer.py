@@ -172,3 +172,22 @@ def test_byte_fallback_garbage_never_raises(tiny_lm):
     assert out[-1] == "\ufffd" * 15 == tok.decode(byte_ids * 3)  # at the end: what a full decode gives
     words = tok("then words", add_special_tokens=False).input_ids
     assert run(tok, byte_ids * 3 + words)[0] == "\ufffd" * 15 + " then words"
+
+
+def test_nothing_past_the_earliest_stop_is_ever_sent_with_overlapping_stop_strings(tiny_lm):
+    # A stop string's held-back tail must not shrink because another stop string held back less:
+    # with ["bx", "abz"], "...ab" must hold back "ab" (not only "b"), or "a" leaks before "abz" ends.
+    tok = tiny_lm.tokenizer
+    rng = random.Random(5)
+    stops = ["bx", "abz"]
+    # a token per character: the piece itself where the vocabulary has it, else its byte token
+    char_ids = {ch: (tok.convert_tokens_to_ids("\u2581" if ch == " " else ch)
+                     if ("\u2581" if ch == " " else ch) in tok.get_vocab() else tok.convert_tokens_to_ids(f"<0x{ord(ch):02X}>"))
+                for ch in "abxz "}
+    for _ in range(200):
+        text = "".join(rng.choice("abxz ") for _ in range(rng.randrange(3, 14)))
+        ids = [char_ids[ch] for ch in text]  # one character a step
+        whole = full(tok, ids)
+        cut = min([whole.find(s) for s in stops if s in whole] or [len(whole)])
+        got, _ = run(tok, ids, stop=stops)
+        assert got == whole[:cut], (text, got, whole[:cut])

@@ -247,3 +247,68 @@ def test_an_abort_during_a_chunked_prefill_frees_the_slot_mid_prompt(tiny_lm):
         release.set()
         engine.stop()
     assert 1 <= chunks.count("long") < 13  # stopped mid-prompt
+
+
+def _collect(engine: Engine, requests: list[EngineRequest]) -> list[list]:
+    async def main():
+        streams = [engine.submit(r) for r in requests]
+
+        async def one(stream):
+            return [ev async for ev in stream]
+
+        return await asyncio.gather(*(one(s) for s in streams))
+
+    return asyncio.run(main())
+
+
+def _long(i: int) -> EngineRequest:
+    return EngineRequest(f"r{i}", [1, 5 + i, 6, 7], [], SamplingParams(max_tokens=200, temperature=0,
+                                                                       ignore_eos=True), 4)
+
+
+def test_a_model_that_fails_every_step_stops_the_engine_instead_of_blaming_one_request_a_step(tiny_lm):
+    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=256), max_batch_size=4)
+
+    def dead_device(stage, requests):
+        if stage == "decode":
+            raise RuntimeError("CUDA error: device-side assert")
+
+    engine.fault_hook = dead_device
+    engine.start()
+    try:
+        results = _collect(engine, [_long(i) for i in range(4)])
+        assert all(events[-1].finish_reason == "error" for events in results)
+        deadline = time.monotonic() + 10
+        while engine.alive:
+            assert time.monotonic() < deadline, "a model failing every step left the engine up"
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+
+
+def test_when_the_engine_loop_itself_dies_every_stream_ends_instead_of_hanging(tiny_lm, monkeypatch):
+    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=256), max_batch_size=4)
+    engine.start()
+
+    def broken_move(*args):
+        raise RuntimeError("device lost")
+
+    async def main():
+        streams = [engine.submit(_long(i)) for i in range(3)]
+        firsts = [await s.__anext__() for s in streams]  # all three decoding
+        assert all(ev.finish_reason is None for ev in firsts)
+        monkeypatch.setattr(engine.runner, "move", broken_move)
+        await streams[0].aclose()  # its release moves the last sequence's rows: raises on the engine thread
+
+        async def rest(stream):
+            return [ev async for ev in stream]
+
+        return await asyncio.wait_for(asyncio.gather(rest(streams[1]), rest(streams[2])), 20)
+
+    try:
+        ends = asyncio.run(main())
+        assert all(events[-1].finish_reason == "error" and events[-1].error.message == "the engine stopped"
+                   for events in ends)
+        assert not engine.alive
+    finally:
+        engine.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import ipaddress
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -26,6 +25,7 @@ from server.errors import APIError
 from server.fetch import FetchPolicy, address_allowed, fetch_image, ipv4_literal
 from server.settings import Settings
 from tests.live import ROOT, LiveServer, image_message
+from tests.tools import missing_tool
 
 PARAM = "messages[0].content[1].image_url.url"
 LOOPBACK = ("127.0.0.0/8",)  # what the live-socket tests let through; every other check still runs
@@ -289,10 +289,7 @@ def test_refusals_hold_with_the_system_resolver_in_a_private_network_namespace()
     """No resolver hook: real getaddrinfo, in a namespace where nothing can leave the machine.
     A guard that let any of these through would show a connect attempt (they fail in there)."""
     if not _netns_available():
-        reason = "`unshare --net` is unavailable (needs root or user namespaces)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_tool("`unshare --net` is unavailable (needs root or user namespaces)")
     cases = dict(REFUSED_LITERALS)
     cases.update({"http://localhost/a.png": "image_url_refused", "http://localhost./a.png": "image_url_refused",
                   "http://no-such-host.invalid/": "image_url_refused"})
@@ -417,7 +414,7 @@ def test_the_connection_goes_to_the_checked_address_and_keeps_the_name(target, a
 
 def test_tls_sni_carries_the_name_not_the_pinned_address(tmp_path, audit):
     if not shutil.which("openssl"):
-        pytest.skip("openssl CLI not available to make a test certificate")
+        missing_tool("the openssl CLI is missing (to make a test certificate)")
     key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=images.example"],

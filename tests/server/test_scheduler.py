@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from model.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.types import EngineRequest
@@ -109,3 +111,24 @@ def test_dropping_a_waiting_request():
     sched.add(_req(1, 5))
     assert sched.drop_waiting("r1").request_id == "r1"
     assert sched.drop_waiting("r1") is None and len(sched.waiting) == 1
+
+
+def test_releasing_a_sequence_twice_is_refused_not_silently_moving_another():
+    sched = Scheduler(num_slots=3)
+    for i in range(3):
+        sched.add(_req(i, 5))
+    _admit_fully(sched, sched.schedule(512))
+    first = sched.decoding[0]
+    assert sched.remove(first) == (2, 0)
+    with pytest.raises(RuntimeError, match="released twice"):
+        sched.remove(first)
+    assert [s.slot for s in sched.decoding] == [0, 1]
+
+
+def test_every_engine_error_kind_has_an_http_answer():
+    from server.engine.types import EngineError, ErrorKind
+    from server.errors import engine_error
+
+    for kind in ErrorKind:
+        err = engine_error(EngineError(kind, "x"))
+        assert 400 <= err.status < 600 and err.type and err.code
