@@ -39,10 +39,13 @@ def _start(cwd: Path, model: str, extra: list[str]) -> tuple[subprocess.Popen, s
 
 
 async def _one(c: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> tuple[int, list[float]]:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": f"Tell me story number {i}."}],
+    name = (await c.get(url + "/v1/models")).json()["data"][0]["id"]
+    body = {"model": name, "messages": [{"role": "user", "content": f"Tell me story number {i}."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     times = []
     async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} answered {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
             if line.startswith("data: {") and '"content"' in line:
                 times.append(time.perf_counter())
@@ -71,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = args.model
+    model = str(Path(args.model).resolve()) if args.model else None
     if model is None:
         from weights.make_tiny import make_tiny
 
-        model = str(out / "tiny")
+        model = str((out / "tiny").resolve())
         if not (Path(model) / "config.json").exists():
             make_tiny(Path(model))
     sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
