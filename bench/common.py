@@ -41,12 +41,9 @@ def start_command_process(args: Sequence[str], url: str, ready_path: str, log: P
 
 def tiny_or(model: str | None) -> Path:
     """The checkpoint a benchmark runs: `model`, else the tiny one under .cache/ (built if absent)."""
-    path = Path(model) if model else ROOT / ".cache" / "tiny-slime"
-    if not model and not (path / "config.json").exists():
-        from weights.make_tiny import make_tiny
+    from server.engine.factory import resolve_model_dir
 
-        make_tiny(path)
-    return path
+    return resolve_model_dir(model, ROOT / ".cache")
 
 
 def start_slime(model: Path, log: Path, *extra: str) -> Process:

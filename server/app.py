@@ -40,12 +40,12 @@ class AppState:
 def build_service(settings: Settings, metrics: Metrics):
     """Load the model and start the engine, in this process or in its own (blocking; runs in a
     worker thread). -> (ChatService, EngineClient)"""
-    from model.pillow_bicubic import warm_up as warm_up_resampler
+    from model.pillow_bicubic import warm_up as warm_up_bicubic
 
     from .chat import ChatService
     from .engine.factory import start_engine
 
-    warm_up_resampler()  # image preprocessing runs here, in the API process: compile before serving
+    warm_up_bicubic()  # image preprocessing runs here, in the API process: compile before serving
     engine = start_engine(settings.engine_config(), metrics.observe_engine)
     return ChatService(settings, engine, metrics), engine
 
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
     app.state.slime = state
 
     def count_error(err: APIError) -> None:
-        state.metrics.errors.labels(err.type, str(err.status)).inc()
+        state.metrics.error(err)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):

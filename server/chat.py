@@ -168,7 +168,7 @@ class ChatService:
                 if ev.error is not None:
                     err = engine_error(ev.error)
                     if self.metrics:  # the status line went out long ago: count it here
-                        self.metrics.errors.labels(err.type, str(err.status)).inc()
+                        self.metrics.error(err)
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                     yield "data: [DONE]\n\n"
                     return

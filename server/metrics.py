@@ -38,6 +38,18 @@ class Metrics:
         self.vision_cache = Counter("slime_vision_cache", "Vision-feature cache lookups", ["result"], registry=r)
         self.images = Counter("slime_images", "Images received", registry=r)
 
+    # -- what the API process observes (the rest comes from the engine, in `observe_engine`) --------
+    def error(self, err) -> None:
+        """An error answer (server.errors.APIError), also one sent mid-stream."""
+        self.errors.labels(err.type, str(err.status)).inc()
+
+    def vision_cache_lookup(self, hit: bool) -> None:
+        self.vision_cache.labels("hit" if hit else "miss").inc()
+
+    def images_prepared(self, count: int, seconds: float) -> None:
+        self.preprocess.observe(seconds)
+        self.images.inc(count)
+
     def observe_engine(self, stats) -> None:
         """One engine report (server.engine.types.EngineStats), from either engine mode."""
         self.running.set(stats.running)

@@ -83,15 +83,14 @@ class RequestPreparer:
             digest = hashlib.blake2b(data, digest_size=16).hexdigest()
             cached = self.cached_image(digest)
             if self.metrics and self.settings.vision_cache_mb:
-                self.metrics.vision_cache.labels("hit" if cached is not None else "miss").inc()
+                self.metrics.vision_cache_lookup(cached is not None)
             if cached is not None:  # seen before: no decoding, slicing or vision encoding
                 images.append(PreparedImage(None, cached.grid, digest))
                 continue
             img = open_image(data, max_pixels=self.settings.max_image_pixels, param=param)
             images.append(prepare_image(img, self.info.cfg, digest, norm=self.info.image_norm))
         if images and self.metrics:
-            self.metrics.preprocess.observe(time.perf_counter() - t0)
-            self.metrics.images.inc(len(images))
+            self.metrics.images_prepared(len(images), time.perf_counter() - t0)
         if images and not self.info.accepts_images:
             raise bad_request("this model does not accept images", param="messages")
         try:

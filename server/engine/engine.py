@@ -204,7 +204,7 @@ class Engine:
     def _end_all(self, error: EngineError) -> None:
         """Every request still registered (waiting, in the vision stage, running, not yet picked up)
         ends now with `error`, without touching the model (which may be what broke)."""
-        self._outbox = [(rid, Event(finish_reason="error", error=error))
+        self._outbox = [(rid, Event.failed(error.kind, error.message))
                         for rid in self._streams.ids() + list(self._detached)]
         self._flush()
 
@@ -239,7 +239,7 @@ class Engine:
         """Every admitted sequence fails; the slot table starts afresh (no cache moves: the
         bookkeeping that failed cannot be trusted)."""
         for seq in self.scheduler.decoding + self.scheduler.prefilling:
-            self._emit(seq.request.request_id, Event(finish_reason="error", error=error))
+            self._emit(seq.request.request_id, Event.failed(error.kind, error.message))
             self._record_finish(seq, "error", status="error")
         waiting = self.scheduler.waiting
         self.scheduler = Scheduler(num_slots=self.scheduler.num_slots)
@@ -286,14 +286,14 @@ class Engine:
     def step(self) -> None:
         self.steps += 1
         plan = self.scheduler.schedule(self.prefill_chunk)
-        self._admit(plan)
+        self._register(plan)
         self.apply(plan, *self._execute(plan))
 
     def _execute(self, plan: StepPlan) -> tuple[list[PrefillOutcome], list[DecodeOutcome]]:
         out = self.executor.execute(plan)
         return out.prefills, out.decodes
 
-    def _admit(self, plan: StepPlan) -> None:
+    def _register(self, plan: StepPlan) -> None:
         now = time.monotonic()
         for seq in plan.prefills:
             if seq.request.request_id not in self._by_id:
@@ -335,7 +335,7 @@ class Engine:
         if out.error is not None:
             self._fail(seq, out.error)
             return
-        if out.admitted:
+        if out.begun:
             self._record_images(seq, out.vision_seconds)
         if out.first is None:  # more chunks to come
             return
@@ -389,7 +389,7 @@ class Engine:
 
     def _fail(self, seq: SequenceState, error: EngineError) -> None:
         self._release(seq)
-        self._emit(seq.request.request_id, Event(finish_reason="error", error=error))
+        self._emit(seq.request.request_id, Event.failed(error.kind, error.message))
         self._record_finish(seq, "error", status="error")
 
     def _record_images(self, seq: SequenceState, vision_seconds: float | None) -> None:

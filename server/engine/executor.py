@@ -31,7 +31,7 @@ FaultHook = Callable[[str, list[EngineRequest]], None]
 class PrefillOutcome:
     seq: SequenceState
     ran: int = 0  # prompt positions run
-    admitted: bool = False  # selection and embedding ran in this step
+    begun: bool = False  # selection and embedding ran in this step
     vision_seconds: float | None = None  # when the images were encoded inline (no vision thread)
     first: tuple[int, TokenLogprob | None] | None = None  # the first token, once the prompt is all in
     error: EngineError | None = None
@@ -88,8 +88,8 @@ class StepExecutor:
         out = PrefillOutcome(seq)
         before = seq.prefilled
         try:
-            if not seq.admitted:
-                out.admitted = True
+            if not seq.begun:
+                out.begun = True
                 self.inject("prefill", [seq.request])
                 inline = seq.request.features is None and bool(seq.request.images)
                 t0 = time.perf_counter()

@@ -124,6 +124,8 @@ class ModelRunner:
                 if hit is None:
                     raise CacheMiss("cached image features were evicted; retry the request")
                 feats[i] = hit
+            elif img.digest and self.vision_cache and (seen := self.vision_cache.peek(img.digest)) is not None:
+                feats[i] = seen  # encoded moments ago (another choice of the same request, or the same upload)
             else:
                 todo.append(i)
         if todo:

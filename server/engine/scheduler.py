@@ -29,7 +29,7 @@ class SequenceState:
     scheduled_time: float | None = None
 
     @property
-    def admitted(self) -> bool:
+    def begun(self) -> bool:
         """Selection and prompt embedding done (prompt_len known)."""
         return self.state is not None
 
@@ -41,7 +41,7 @@ class SequenceState:
     @property
     def prompt_left(self) -> int:
         """Prompt positions still to prefill (an upper bound before admission)."""
-        return (self.prompt_len if self.admitted else self.request.max_prompt_tokens) - self.prefilled
+        return (self.prompt_len if self.begun else self.request.max_prompt_tokens) - self.prefilled
 
 
 @dataclass

@@ -50,6 +50,12 @@ class VisionCache:
             self._pinned.pop(key, None)
             return self._items.get(key)
 
+    def peek(self, key: str) -> Any | None:
+        """The entry, if present (no pin, no counters): the vision stage's own reuse, e.g. the
+        choices of an n>1 request, which share their images."""
+        with self._lock:
+            return self._items.get(key)
+
     def put(self, key: str, feats: Any) -> None:
         size = feats.nbytes
         with self._lock:

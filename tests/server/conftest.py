@@ -28,3 +28,13 @@ def aclient(server):
     import openai
 
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def small(tiny_dir):
+    """A server with tight request limits (each module that asks gets its own)."""
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=1024, max_request_bytes=300_000,
+                            max_images_per_request=2, max_image_pixels=4_000_000, max_tokens_cap=100, max_n=2,
+                            max_stop=2, max_messages=4)).start()
+    yield s
+    s.stop()

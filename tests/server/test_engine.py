@@ -312,3 +312,22 @@ def test_when_the_engine_loop_itself_dies_every_stream_ends_instead_of_hanging(t
         assert not engine.alive
     finally:
         engine.stop()
+
+
+def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing):
+    from model.processor import prepare_image
+
+    image = prepare_image(ironing.resize((400, 300)), tiny_lm.cfg, "digest-n3", norm=tiny_lm.image_norm)
+    runner = ModelRunner(tiny_lm, num_slots=4, max_model_len=2048, vision_cache_bytes=64 << 20)
+    calls = []
+    encode_images = runner.model.encode_images
+    runner.model.encode_images = lambda *a: calls.append(1) or encode_images(*a)
+    engine = Engine(runner, max_batch_size=4)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        results = _collect(engine, [EngineRequest(f"c{i}", [1, 5, -200, 6], [image], params, 2000) for i in range(3)])
+    finally:
+        engine.stop()
+    tokens = [[t for ev in events for t in ev.token_ids] for events in results]
+    assert len(calls) == 1 and tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 4

@@ -11,20 +11,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.settings import Settings
-from tests.live import LiveServer
 
 MODEL = "tiny"
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def small(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=1024, max_request_bytes=300_000,
-                            max_images_per_request=2, max_image_pixels=4_000_000, max_tokens_cap=100, max_n=2,
-                            max_stop=2, max_messages=4)).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

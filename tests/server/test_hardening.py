@@ -9,7 +9,6 @@ import time
 import zlib
 
 import httpx
-import pytest
 from PIL import Image
 
 from server.settings import Settings
@@ -37,15 +36,6 @@ def assert_error(r, status, *, param=None, code=None):
 
 def hi(**extra):
     return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
-
-
-@pytest.fixture(scope="module")
-def small(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=1024, max_request_bytes=300_000,
-                            max_images_per_request=2, max_image_pixels=4_000_000, max_tokens_cap=100, max_n=2,
-                            max_stop=2, max_messages=4)).start()
-    yield s
-    s.stop()
 
 
 # -- errors ----------------------------------------------------------------------------------------
