@@ -91,10 +91,11 @@ class StepExecutor:
             if not seq.begun:
                 out.begun = True
                 self.inject("prefill", [seq.request])
-                inline = seq.request.features is None and bool(seq.request.images)
-                t0 = time.perf_counter()
+                if seq.request.features is None and seq.request.images:  # no vision thread: encode here
+                    t0 = time.perf_counter()
+                    seq.request.features = self.runner.encode(seq.request.images)
+                    out.vision_seconds = time.perf_counter() - t0
                 self.runner.begin(seq)
-                out.vision_seconds = time.perf_counter() - t0 if inline else None
             out.first = self.runner.prefill_chunk(seq, budget)
         except CacheMiss as e:
             out.error = EngineError(ErrorKind.RETRY, str(e))

@@ -331,3 +331,35 @@ def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing)
         engine.stop()
     tokens = [[t for ev in events for t in ev.token_ids] for events in results]
     assert len(calls) == 1 and tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 4
+
+
+def test_a_stop_check_that_fails_for_one_sequence_fails_only_that_one(tiny_lm):
+    runner = ModelRunner(tiny_lm, num_slots=4, max_model_len=256)
+    begin = runner.begin
+
+    def begin_with_a_broken_detokenizer(seq):
+        begin(seq)
+        if seq.request.request_id == "r1":  # breaks at its third token: in a decode step
+            add, calls = seq.state.detok.add, []
+
+            def broken(token):
+                calls.append(token)
+                if len(calls) >= 3:
+                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
+                return add(token)
+
+            seq.state.detok.add = broken
+
+    runner.begin = begin_with_a_broken_detokenizer
+    engine = Engine(runner, max_batch_size=4)
+    engine.start()
+    try:
+        together = _collect(engine, [_long(i) for i in range(3)])
+        alone = _collect(engine, [_long(0)])[0]
+    finally:
+        engine.stop()
+    assert together[1][-1].finish_reason == "error" and together[1][-1].error.message == "model error during decoding"
+    assert sum(len(ev.token_ids) for ev in together[1]) == 2
+    for events in (together[0], together[2]):
+        assert events[-1].finish_reason == "length" and sum(len(ev.token_ids) for ev in events) == 200
+    assert [t for ev in together[0] for t in ev.token_ids] == [t for ev in alone for t in ev.token_ids]
