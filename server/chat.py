@@ -15,9 +15,10 @@ from .engine.interface import EngineClient, EngineDead
 from .engine.types import ErrorKind, Event
 from .errors import APIError, engine_error
 from .prepare import RequestPreparer
+from .structured import single_forced_tool, tool_call
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,
-                       Choice, ChunkChoice, Delta, ImageSelection, SliMEReport, TokenLogprobOut, TopLogprob, Usage,
-                       dump)
+                       Choice, ChunkChoice, Delta, FunctionCallDelta, ImageSelection, SliMEReport, TokenLogprobOut,
+                       ToolCallDelta, ToolCallOut, TopLogprob, Usage, dump)
 from .settings import Settings
 
 
@@ -131,8 +132,14 @@ class ChatService:
                     finish, prompt, completion = ev.finish_reason, ev.prompt_tokens, ev.completion_tokens
             finally:
                 await stream.aclose()
-            choice = Choice(index=i, message=AssistantMessage(role="assistant", content="".join(text)),
-                            logprobs=ChoiceLogprobs(content=lps) if req.logprobs else None, finish_reason=finish)
+            answer = "".join(text)
+            message = AssistantMessage(role="assistant", content=answer)
+            if req.calls_tool and finish == "stop":  # a complete call (an incomplete one stays text)
+                message = AssistantMessage(role="assistant", content=None,
+                                           tool_calls=[ToolCallOut(**tool_call(req, answer))])
+                finish = "tool_calls"
+            choice = Choice(index=i, message=message, logprobs=ChoiceLogprobs(content=lps) if req.logprobs else None,
+                            finish_reason=finish)
             return choice, prompt, completion, images
 
         try:
@@ -159,10 +166,11 @@ class ChatService:
         out = ChunkWriter(cid, int(time.time()), self.model_name,
                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
         events = _merged(streams)
+        calls = _ToolCallStreams(req) if req.calls_tool else None
         try:
             for i in range(len(streams)):
-                yield out.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""), logprobs=None,
-                                             finish_reason=None)])
+                yield out.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=None if calls else ""),
+                                             logprobs=None, finish_reason=None)])
             prompt, completion, images = 0, 0, None
             async for i, ev in events:
                 if ev.error is not None:
@@ -174,7 +182,11 @@ class ChatService:
                     return
                 prompt = ev.prompt_tokens or prompt
                 images = ev.images or images
-                if req.logprobs:
+                if calls is not None:
+                    delta = calls.delta(i, ev.text, ev.finish_reason)
+                    if delta is not None:
+                        yield out.chunk([ChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=None)])
+                elif req.logprobs:
                     yield out.chunk([ChunkChoice(index=i, delta=Delta(content=ev.text),
                                                  logprobs=ChoiceLogprobs(content=self._logprobs(ev)),
                                                  finish_reason=None)])
@@ -182,7 +194,8 @@ class ChatService:
                     yield out.content(i, ev.text)
                 if ev.finish_reason:
                     completion += ev.completion_tokens
-                    final = ChunkChoice(index=i, delta=Delta(), logprobs=None, finish_reason=ev.finish_reason)
+                    finish = "tool_calls" if calls is not None and ev.finish_reason == "stop" else ev.finish_reason
+                    final = ChunkChoice(index=i, delta=Delta(), logprobs=None, finish_reason=finish)
                     slime = _selection(images) if req.slime_selection and i == 0 else None
                     yield out.chunk([final], slime=slime)
             if out.include_usage:
@@ -227,3 +240,36 @@ class ChunkWriter:
     def content(self, i: int, text: str) -> str:
         return (f'data: {self._head}, "choices": [{{"index": {i}, "delta": {{"content": '
                 f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}]{self._tail}')
+
+
+class _ToolCallStreams:
+    """Streamed tool calls, per choice: a single named function's arguments stream as they come
+    (the first delta carries the call's id and name); a call to one of several functions is
+    parsed when complete and sent in one delta."""
+
+    def __init__(self, req: ChatCompletionRequest):
+        self.req = req
+        self.name = single_forced_tool(req)
+        self.text: dict[int, list[str]] = {}
+
+    def delta(self, i: int, text: str, finish: str | None) -> Delta | None:
+        first = i not in self.text
+        self.text.setdefault(i, []).append(text)
+        if self.name is not None:
+            if first:
+                call = ToolCallDelta(index=0, id="call_" + uuid.uuid4().hex[:24], type="function",
+                                     function=FunctionCallDelta(name=self.name, arguments=text))
+            elif text:
+                call = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text))
+            else:
+                return None
+            return Delta(tool_calls=[call])
+        if finish is None:
+            return None
+        answer = "".join(self.text[i])
+        if finish != "stop":  # incomplete: what there is, as text
+            return Delta(content=answer)
+        call = tool_call(self.req, answer)
+        return Delta(tool_calls=[ToolCallDelta(index=0, id=call["id"], type="function",
+                                               function=FunctionCallDelta(**call["function"]))])
+

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from model.config import IMAGE_TOKEN_INDEX
+from model.grammar import GrammarError
 from model.processor import PreparedImage, prepare_image, tokenize_prompt
 from model.sampling import SamplingParams
 from model.templates import Message, build_prompt
@@ -20,6 +21,7 @@ from .fetch import FetchPolicy
 from .media import image_bytes, open_image
 from .protocol import ChatCompletionRequest
 from .settings import Settings
+from .structured import grammar_for, tool_call_turn, tool_result_turn, tools_prompt
 
 
 @dataclass
@@ -36,6 +38,7 @@ class RequestPreparer:
         self.info = info
         self.cached_image = cached_image  # the engine's vision-cache lookup (pins a hit)
         self.metrics = metrics
+        self._grammars = None  # model.grammar.GrammarCompiler, built at the first structured request
         self.template = info.template if settings.chat_template == "auto" else settings.chat_template
         self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,
                                         settings.max_request_bytes, settings.image_url_max_redirects,
@@ -46,15 +49,27 @@ class RequestPreparer:
             raise bad_request(f"at most {self.settings.max_messages} messages are allowed", param="messages")
         messages: list[Message] = []
         urls: list[tuple[str, str]] = []
+        note = tools_prompt(req)
+        if note is not None:
+            messages.append(Message("system", note))
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
+            if m.tool_calls and role != "assistant":
+                raise bad_request("only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
+            if (role == "tool") != (m.tool_call_id is not None):
+                raise bad_request("tool messages, and only they, need tool_call_id", param=f"messages[{i}]")
             if m.content is None:
                 if role != "assistant":
                     raise bad_request("content is required", param=f"messages[{i}].content")
-                messages.append(Message("assistant", ""))
+                messages.append(Message("assistant", tool_call_turn(m) if m.tool_calls else ""))
+                continue
+            if role == "tool":  # a function's result: the model reads it in a user turn
+                text = m.content if isinstance(m.content, str) else "\n".join(
+                    p.text for p in m.content if p.type == "text")
+                messages.append(Message("user", tool_result_turn(m, text)))
                 continue
             if isinstance(m.content, str):
-                messages.append(Message(role, m.content))
+                messages.append(Message(role, m.content + ("\n" + tool_call_turn(m) if m.tool_calls else "")))
                 continue
             texts, n_img = [], 0
             for j, part in enumerate(m.content):
@@ -113,12 +128,31 @@ class RequestPreparer:
             raise APIError(400, f"This model's maximum context length is {s.max_model_len} tokens. The prompt "
                                 f"needs up to {prompt_bound} (image rows included) and {max_tokens} were asked "
                                 f"for the completion.", param="messages", code="context_length_exceeded")
+        grammar = self.checked_grammar(req)
         temperature = 1.0 if req.temperature is None else req.temperature
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0,
                               top_k=req.top_k or 0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
                               frequency_penalty=req.frequency_penalty or 0.0,
                               repetition_penalty=req.repetition_penalty or 1.0, stop=req.stop_list,
-                              ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+                              ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
+                              grammar=grammar)
+
+    def checked_grammar(self, req: ChatCompletionRequest):
+        """The request's grammar, compiled here once (cached) so that a bad schema is a 400 now,
+        not a failure in the engine."""
+        spec, param = grammar_for(req)
+        if spec is None:
+            return None
+        if self._grammars is None:
+            from model.grammar import GrammarCompiler
+
+            tok = self.info.tokenizer
+            self._grammars = GrammarCompiler(tok, self.info.cfg.vocab_size)
+        try:
+            self._grammars.compile(spec)
+        except GrammarError as e:
+            raise bad_request(f"cannot use this schema: {e}", param=param, code="invalid_schema") from None
+        return spec
 
     @staticmethod
     def engine_requests(req: ChatCompletionRequest, cid: str, prepared: Prepared,

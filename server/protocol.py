@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from .errors import APIError, bad_request
 
 # Fields of OpenAI's API that this server does not implement: a 400 names them.
-UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+UNSUPPORTED_FIELDS = ("functions", "function_call", "parallel_tool_calls", "logit_bias",
                       "audio", "modalities", "prediction", "store", "metadata", "service_tier",
                       "reasoning_effort", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier")
 
@@ -66,18 +66,60 @@ Content = Annotated[
                   custom_error_message="content must be a string or a non-empty list of content parts")]
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[Content, None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: calls it made in an earlier turn
+    tool_call_id: str | None = None  # tool: which call this is the result of
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 # Torch seeds are 64-bit; n > 1 seeds its choices seed, seed + 1, ...
@@ -113,11 +155,11 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=64)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     # SliME extension: per-image grid and kept-token mask in the final chunk / response.
     slime_selection: bool = False
     # Present so that they can be refused by name.
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
@@ -159,9 +201,26 @@ class ChatCompletionRequest(BaseModel):
         for name in UNSUPPORTED_FIELDS:
             if getattr(self, name) is not None:
                 raise bad_request(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", param="response_format",
-                              code="unsupported_parameter")
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+            raise bad_request("response_format json_schema needs json_schema.schema", param="response_format.json_schema")
+        if rf is not None and rf.type != "json_schema" and rf.json_schema is not None:
+            raise bad_request("json_schema is only allowed with type 'json_schema'", param="response_format.json_schema")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+        if self.tools and (choice is None or choice == "auto"):
+            raise bad_request("tool_choice 'auto' is not supported: SliME checkpoints have no tool-call format, so "
+                              "the model cannot choose between answering and calling; name a function "
+                              "({'type': 'function', 'function': {'name': ...}}), or use 'required' or 'none'",
+                              param="tool_choice", code="unsupported_parameter")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools or []}:
+            raise bad_request(f"tool_choice names '{choice.function.name}', which is not among the tools",
+                              param="tool_choice.function.name")
+        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+            raise bad_request("tool names must be unique", param="tools")
+        if self.calls_tool and rf is not None and rf.type != "text":
+            raise bad_request("response_format cannot be combined with a forced tool call", param="response_format")
         if self.n > max_n:
             raise bad_request(f"n must be at most {max_n}", param="n")
         if self.top_logprobs and not self.logprobs:
@@ -170,6 +229,11 @@ class ChatCompletionRequest(BaseModel):
             raise bad_request(f"at most {max_stop} stop sequences are allowed", param="stop")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
+
+    @property
+    def calls_tool(self) -> bool:
+        """The answer must be a tool call (tool_choice 'required' or a named function)."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
 
     @property
     def stop_list(self) -> list[str]:
@@ -235,9 +299,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class Choice(BaseModel):
@@ -272,9 +348,22 @@ class ChatCompletion(BaseModel):
     slime: SliMEReport | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

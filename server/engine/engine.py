@@ -366,10 +366,13 @@ class Engine:
         elif seq.last_token_time is not None:
             self._stats.itl.append(now - seq.last_token_time)
         seq.last_token_time = now
-        stop_token = self.runner.is_stop_token(seq, token)
+        grammar_done = self.runner.advance_grammar(seq, token)
+        # a complete document ends with the grammar's stop token (EOS), also under ignore_eos
+        stop_token = self.runner.is_stop_token(seq, token) or (grammar_done and token in self.runner.eos)
         detok = seq.state.detok
         text = "" if stop_token else detok.add(token)
-        finish = finish_reason(stop_token=stop_token, stop_string=detok.stopped, generated=len(seq.output_ids),
+        finish = finish_reason(stop_token=stop_token or grammar_done, stop_string=detok.stopped,
+                               generated=len(seq.output_ids),
                                max_tokens=req.params.max_tokens, length=seq.prompt_len + len(seq.output_ids),
                                max_model_len=self.runner.max_model_len)
         if finish:

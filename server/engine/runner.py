@@ -12,6 +12,7 @@ from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCache
 from model.loading import LoadedModel
 from model.modeling import ImageFeatures, ImageReport
+from model.grammar import GrammarCompiler, Matcher, apply_masks
 from model.sampling import SequenceSampler, TokenLogprob, sample
 
 from .detokenizer import IncrementalDetokenizer
@@ -47,9 +48,10 @@ class PromptTooLong(ValueError):
 class SeqState:
     """Per-sequence runner state."""
 
-    def __init__(self, sampler: SequenceSampler, detok: IncrementalDetokenizer):
+    def __init__(self, sampler: SequenceSampler, detok: IncrementalDetokenizer, matcher: Matcher | None = None):
         self.sampler = sampler
         self.detok = detok
+        self.matcher = matcher  # structured output: where the sequence is in its grammar
         self.images: list[ImageReport] = []
 
 
@@ -76,6 +78,7 @@ class ModelRunner:
         self.eos = set(lm.eos_token_ids)
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.vocab = cfg.vocab_size
+        self._grammars: GrammarCompiler | None = None
 
     def warm_up(self) -> None:
         """Prefill and decode once before serving: lazy initialisation, compiling the pointwise
@@ -150,9 +153,10 @@ class ModelRunner:
             raise PromptTooLong(f"the prompt needs {seq.prompt_len} positions (image rows included) and "
                                 f"{req.params.max_tokens} were asked for the completion: more than the "
                                 f"{self.max_model_len} of the context")
+        matcher = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
         seq.state = SeqState(SequenceSampler(req.params, req.input_ids, self.device),
                              IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
-                                                    [t for t in req.input_ids[-4:] if t >= 0]))
+                                                    [t for t in req.input_ids[-4:] if t >= 0]), matcher)
         seq.state.images = reports
 
     @torch.inference_mode()
@@ -165,7 +169,7 @@ class ModelRunner:
         if end < seq.prompt_len:
             return None
         seq.embeds = None
-        tokens, infos = sample(self.llm.logits(hidden.unsqueeze(0)), [seq.state.sampler])
+        tokens, infos = self.sample(self.llm.logits(hidden.unsqueeze(0)), [seq])
         return tokens[0], infos[0]
 
     # -- decode ----------------------------------------------------------------------------------
@@ -181,8 +185,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits `[B, V]` -> one token per sequence (advances seeded generators and penalty counts)."""
+        """logits `[B, V]` -> one token per sequence (advances seeded generators and penalty counts).
+        Sequences with a grammar draw only tokens it allows (masked in one batched op)."""
+        matchers = [s.state.matcher for s in seqs]
+        if any(m is not None for m in matchers):
+            logits = apply_masks(logits.clone(), matchers)
         return sample(logits, [s.state.sampler for s in seqs])
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler for this model's tokenizer (built at first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.lm.tokenizer, self.vocab)
+        return self._grammars
+
+    @staticmethod
+    def advance_grammar(seq: SequenceState, token: int) -> bool:
+        """Feed a sampled token to the sequence's grammar; True once the document is complete."""
+        matcher = seq.state.matcher
+        if matcher is None:
+            return False
+        if not matcher.accept(token):
+            raise RuntimeError(f"token {token} broke the grammar it was sampled under")
+        return matcher.done
 
     def decode(self, seqs: list[SequenceState]) -> tuple[list[int], list[TokenLogprob | None]]:
         return self.sample(self.forward(seqs), seqs)

@@ -1,0 +1,110 @@
+"""Structured outputs: a JSON schema (or any JSON object) as a grammar that masks the logits, so
+that every sampled token keeps the text a prefix of a valid document and generation ends when
+the document is complete. Built on llguidance (a Rust library vLLM also uses; no Python
+dependencies); grammars are validated once and cached.
+
+A spec is plain data that crosses processes: ("json_object", "") or ("json_schema", schema text).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import torch
+
+GrammarSpec = tuple[str, str]
+MAX_SCHEMA_CHARS = 64 * 1024  # a larger schema is refused (compile time and memory grow with it)
+# compact JSON: no free whitespace, which an unconstrained model would fill with noise
+_DEFAULTS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """The schema cannot be compiled (invalid, or a keyword the grammar engine does not support)."""
+
+
+class GrammarCompiler:
+    """Validates specs for one tokenizer (thread-safe, LRU-cached) and makes per-sequence matchers."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_cached: int = 256):
+        import llguidance
+        import llguidance.hf
+
+        self._ll = llguidance
+        self.vocab_size = vocab_size
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        self._cache: OrderedDict[GrammarSpec, str] = OrderedDict()
+        self._max = max_cached
+        self._lock = threading.Lock()
+
+    def compile(self, spec: GrammarSpec) -> str:
+        """The spec's grammar, checked against the tokenizer; raises GrammarError."""
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        kind, text = spec
+        if kind == "json_object":
+            schema: object = {"type": "object"}
+        elif kind == "json_schema":
+            if len(text) > MAX_SCHEMA_CHARS:
+                raise GrammarError(f"the schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS} are allowed")
+            schema = json.loads(text)
+        else:
+            raise GrammarError(f"unknown grammar kind {kind!r}")
+        try:
+            grammar = self._ll.LLMatcher.grammar_from_json_schema(schema, defaults=_DEFAULTS)
+            error = self._ll.LLMatcher.validate_grammar(grammar, self._tokenizer)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise GrammarError(str(e)[:500]) from None
+        if error:
+            raise GrammarError(error[:500])
+        with self._lock:
+            self._cache[spec] = grammar
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def matcher(self, spec: GrammarSpec) -> "Matcher":
+        return Matcher(self._ll.LLMatcher(self._tokenizer, self.compile(spec)))
+
+
+class Matcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher):
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return bool(self._m.consume_token(token)) and not self._m.is_error()
+
+    @property
+    def done(self) -> bool:
+        return bool(self._m.is_stopped())
+
+
+def apply_masks(logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.Tensor:
+    """logits `[B, V]` with each constrained row's disallowed tokens at -inf, in one batched op
+    (unconstrained rows keep an all-allowed mask: untouched). Returns `logits` (modified in place)."""
+    if all(m is None for m in matchers):
+        return logits
+    import llguidance.torch
+
+    bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i, m in enumerate(matchers):
+        if m is not None:
+            m.fill(bitmask, i)
+    llguidance.torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+    return logits
+
+
+def schema_spec(schema: dict) -> GrammarSpec:
+    """A JSON schema (a dict) as a spec, in a canonical spelling (equal schemas share a cache entry)."""
+    return ("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
