@@ -20,6 +20,9 @@ MAX_SCHEMA_CHARS = 64 * 1024  # a larger schema is refused (compile time and mem
 _DEFAULTS = {"whitespace_flexible": False}
 
 
+_SHIFTS = torch.arange(32, dtype=torch.int32)  # bit j of a 32-bit word: token 32*w + j
+
+
 class GrammarError(ValueError):
     """The schema cannot be compiled (invalid, or a keyword the grammar engine does not support)."""
 
@@ -97,12 +100,14 @@ def apply_masks(logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.T
         return logits
     import llguidance.torch
 
-    bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    vocab = logits.shape[-1]
+    bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab)  # [B, ceil(V/32)] int32
     for i, m in enumerate(matchers):
         if m is not None:
             m.fill(bitmask, i)
-    llguidance.torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
-    return logits
+    # Unpacked here (a few vectorised ops): llguidance's own CPU apply costs ~40 ms for 16 rows.
+    bits = (bitmask.unsqueeze(-1) >> _SHIFTS).bitwise_and_(1).view(len(matchers), -1)[:, :vocab]  # [B, V]
+    return logits.masked_fill_(bits.to(logits.device) == 0, float("-inf"))
 
 
 def schema_spec(schema: dict) -> GrammarSpec:
