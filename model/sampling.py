@@ -21,6 +21,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: tuple[str, str] | None = None  # structured output (model.grammar.GrammarSpec)
 
     @property
     def greedy(self) -> bool:
