@@ -67,3 +67,16 @@ def test_bad_and_oversized_schemas_are_grammar_errors(compiler):
 def test_a_compiled_grammar_is_cached(compiler):
     spec = schema_spec({"type": "object", "properties": {"k": {"type": "boolean"}}})
     assert compiler.compile(spec) is compiler.compile(spec)
+
+
+def test_the_documented_keywords_compile(compiler):
+    schema = {"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "number", "minimum": 0}},
+                               "required": ["x"]}},
+              "type": "object",
+              "properties": {"p": {"$ref": "#/$defs/pt"}, "k": {"const": "v"}, "e": {"enum": [1, 2]},
+                             "a": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2},
+                             "o": {"anyOf": [{"type": "string", "pattern": "^a+$", "minLength": 1},
+                                             {"type": "null"}]}},
+              "required": ["p", "k", "e", "a", "o"], "additionalProperties": False}
+    compiler.compile(schema_spec(schema))
+    compiler.compile(("json_object", ""))
