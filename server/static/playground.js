@@ -154,6 +154,16 @@ async function send(ev) {
   const text = $("question").value.trim();
   if (!text && !state.pending.length) return;
   showError("");
+  let responseFormat = null;
+  if ($("json-mode").checked) {
+    const schemaText = $("json-schema").value.trim();
+    if (!schemaText) {
+      responseFormat = { type: "json_object" };
+    } else {
+      try { responseFormat = { type: "json_schema", json_schema: { name: "playground", schema: JSON.parse(schemaText) } }; }
+      catch (e) { showError("The JSON schema does not parse: " + e.message); return; }
+    }
+  }
   const images = state.pending.map((p) => p.url);
   state.history.push({ role: "user", text, images });
   addMessage("user", text, images);
@@ -163,6 +173,7 @@ async function send(ev) {
     stream_options: { include_usage: true }, slime_selection: true,
     temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
   };
+  if (responseFormat) body.response_format = responseFormat;
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
@@ -229,6 +240,7 @@ function init() {
   drop.addEventListener("click", () => $("file").click());
   drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); } });
   $("file").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
+  $("json-mode").addEventListener("change", () => { $("json-schema").hidden = !$("json-mode").checked; });
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); addFiles(e.dataTransfer.files); });

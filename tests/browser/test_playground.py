@@ -208,6 +208,32 @@ def test_api_error_is_rendered(browser, site):
     assert err.text == expected["error"]["message"]
 
 
+def test_json_mode_answers_follow_the_schema_box(browser, site):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"caption": {"type": "string", "maxLength": 20},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["caption", "count"], "additionalProperties": False}
+    fresh_page(browser, site)
+    assert not by_id(browser, "json-schema").is_displayed()
+    by_id(browser, "json-mode").click()
+    box = wait(browser, lambda d: by_id(d, "json-schema").is_displayed() and by_id(d, "json-schema"),
+               what="schema box")
+    box.send_keys(json.dumps(schema))
+    by_id(browser, "question").send_keys("Describe it\n")
+    wait(browser, lambda d: by_id(d, "send").is_enabled() and d.find_elements("css selector", "#messages li.assistant"),
+         what="the answer")
+    answer = browser.find_elements("css selector", "#messages li.assistant .text")[-1].text
+    jsonschema.validate(json.loads(answer), schema)  # random weights: only the grammar makes this valid
+    box.clear()
+    box.send_keys("{not json")
+    by_id(browser, "question").send_keys("again\n")
+    err = wait(browser, lambda d: by_id(d, "error").is_displayed() and by_id(d, "error"), what="error box")
+    assert "schema" in err.text
+
+
 def test_page_is_self_contained_and_has_no_external_urls(site):
     for path in ("/", "/static/playground.js", "/static/playground.css"):
         body = httpx.get(site.url + path).text
