@@ -219,6 +219,9 @@ class ChatCompletionRequest(BaseModel):
                               param="tool_choice.function.name")
         if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
             raise bad_request("tool names must be unique", param="tools")
+        if self.calls_tool and self.stop_list:
+            raise bad_request("stop cannot be combined with a forced tool call (it could cut the call short)",
+                              param="stop")
         if self.calls_tool and rf is not None and rf.type != "text":
             raise bad_request("response_format cannot be combined with a forced tool call", param="response_format")
         if self.n > max_n:

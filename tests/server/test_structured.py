@@ -203,3 +203,10 @@ def test_bad_schemas_and_tool_settings_are_400s_naming_the_field(srv, body, para
     err = r.json()["error"]
     assert err["param"] == param and err["message"], err
     assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_stop_strings_cannot_cut_a_forced_tool_call(srv):
+    r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "tools": [WEATHER, TIME],
+        "tool_choice": "required", "stop": ["}"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
