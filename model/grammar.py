@@ -37,12 +37,13 @@ class GrammarCompiler:
         self._ll = llguidance
         self.vocab_size = vocab_size
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        self._cache: OrderedDict[GrammarSpec, str] = OrderedDict()
+        self._cache: OrderedDict[GrammarSpec, object] = OrderedDict()  # spec -> a fresh matcher to copy
         self._max = max_cached
         self._lock = threading.Lock()
 
-    def compile(self, spec: GrammarSpec) -> str:
-        """The spec's grammar, checked against the tokenizer; raises GrammarError."""
+    def compile(self, spec: GrammarSpec):
+        """A matcher at the start of the spec's grammar (cached; copy it, never advance it);
+        raises GrammarError."""
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
@@ -64,14 +65,15 @@ class GrammarCompiler:
             raise GrammarError(str(e)[:500]) from None
         if error:
             raise GrammarError(error[:500])
+        template = self._ll.LLMatcher(self._tokenizer, grammar)  # lexer and parser built once, here
         with self._lock:
-            self._cache[spec] = grammar
+            self._cache[spec] = template
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
-        return grammar
+        return template
 
     def matcher(self, spec: GrammarSpec) -> "Matcher":
-        return Matcher(self._ll.LLMatcher(self._tokenizer, self.compile(spec)))
+        return Matcher(self.compile(spec).deep_copy())
 
 
 class Matcher:

@@ -114,7 +114,7 @@ def sample(logits: torch.Tensor, seqs: list[SequenceSampler]) -> tuple[list[int]
             top: list[tuple[int, float]] = []
             if k:
                 v, ix = torch.topk(logp[j], k)
-                top = list(zip(ix.tolist(), v.tolist()))
+                top = [(t, lp) for t, lp in zip(ix.tolist(), v.tolist()) if lp != float("-inf")]  # masked out
             infos[i] = TokenLogprob(token_list[i], float(logp[j, token_list[i]]), top)
     for s, t in zip(seqs, token_list):
         s.observe(t, vocab, logits.device)

@@ -134,10 +134,11 @@ class ChatService:
                 await stream.aclose()
             answer = "".join(text)
             message = AssistantMessage(role="assistant", content=answer)
-            if req.calls_tool and finish == "stop":  # a complete call (an incomplete one stays text)
+            if req.calls_tool and (finish == "stop" or single_forced_tool(req)):
+                # a complete call; or, cut by max_tokens, one function's partial arguments (as streamed)
                 message = AssistantMessage(role="assistant", content=None,
                                            tool_calls=[ToolCallOut(**tool_call(req, answer))])
-                finish = "tool_calls"
+                finish = "tool_calls" if finish == "stop" else finish
             choice = Choice(index=i, message=message, logprobs=ChoiceLogprobs(content=lps) if req.logprobs else None,
                             finish_reason=finish)
             return choice, prompt, completion, images

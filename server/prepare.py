@@ -5,6 +5,7 @@ and tokenising are CPU work that must stay off the event loop)."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -39,6 +40,7 @@ class RequestPreparer:
         self.cached_image = cached_image  # the engine's vision-cache lookup (pins a hit)
         self.metrics = metrics
         self._grammars = None  # model.grammar.GrammarCompiler, built at the first structured request
+        self._grammars_lock = threading.Lock()
         self.template = info.template if settings.chat_template == "auto" else settings.chat_template
         self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,
                                         settings.max_request_bytes, settings.image_url_max_redirects,
@@ -83,6 +85,8 @@ class RequestPreparer:
                                           param=f"messages[{i}].content[{j}].image_url.detail")
                     urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
                     n_img += 1
+            if m.tool_calls:
+                texts.append(tool_call_turn(m))
             messages.append(Message(role, "\n".join(texts), n_img))
         if len(urls) > self.settings.max_images_per_request:
             raise bad_request(f"at most {self.settings.max_images_per_request} images per request",
@@ -112,6 +116,7 @@ class RequestPreparer:
             pieces = build_prompt(messages, self.template)
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
+        self.checked_grammar(req)  # compiled here, in the worker thread (then cached)
         ids = tokenize_prompt(self.info.tokenizer, pieces)
         bound = sum(1 for t in ids if t != IMAGE_TOKEN_INDEX) + sum(im.max_rows(self.info.cfg) for im in images)
         return Prepared(ids, images, bound)
@@ -143,11 +148,11 @@ class RequestPreparer:
         spec, param = grammar_for(req)
         if spec is None:
             return None
-        if self._grammars is None:
-            from model.grammar import GrammarCompiler
+        with self._grammars_lock:
+            if self._grammars is None:
+                from model.grammar import GrammarCompiler
 
-            tok = self.info.tokenizer
-            self._grammars = GrammarCompiler(tok, self.info.cfg.vocab_size)
+                self._grammars = GrammarCompiler(self.info.tokenizer, self.info.cfg.vocab_size)
         try:
             self._grammars.compile(spec)
         except GrammarError as e:

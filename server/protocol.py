@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from .errors import APIError, bad_request
 
 # Fields of OpenAI's API that this server does not implement: a 400 names them.
-UNSUPPORTED_FIELDS = ("functions", "function_call", "parallel_tool_calls", "logit_bias",
+UNSUPPORTED_FIELDS = ("functions", "function_call", "logit_bias",
                       "audio", "modalities", "prediction", "store", "metadata", "service_tier",
                       "reasoning_effort", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier")
 
@@ -159,10 +159,10 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     # SliME extension: per-image grid and kept-token mask in the final chunk / response.
     slime_selection: bool = False
+    parallel_tool_calls: bool | None = None  # accepted: a forced call is always exactly one
     # Present so that they can be refused by name.
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
     logit_bias: Any = None
     audio: Any = None
     modalities: Any = None
@@ -219,8 +219,8 @@ class ChatCompletionRequest(BaseModel):
                               param="tool_choice.function.name")
         if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
             raise bad_request("tool names must be unique", param="tools")
-        if self.calls_tool and self.stop_list:
-            raise bad_request("stop cannot be combined with a forced tool call (it could cut the call short)",
+        if self.stop_list and (self.calls_tool or (rf is not None and rf.type != "text")):
+            raise bad_request("stop cannot be combined with structured output (it could cut the document short)",
                               param="stop")
         if self.calls_tool and rf is not None and rf.type != "text":
             raise bad_request("response_format cannot be combined with a forced tool call", param="response_format")

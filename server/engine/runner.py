@@ -83,7 +83,9 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Prefill and decode once before serving: lazy initialisation, compiling the pointwise
         kernels and capturing the first decode graphs happen here, not in a request. Where
-        compiling fails the kernels run eagerly; where capturing fails decoding runs without graphs."""
+        compiling fails the kernels run eagerly; where capturing fails decoding runs without graphs.
+        The structured-output compiler (its view of the vocabulary) is built here too."""
+        self.grammars.compile(("json_object", ""))
         try:
             self._warm_up()
         except Exception:

@@ -228,8 +228,8 @@ def test_unsupported_field_is_rejected_by_name(client):
 
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
-    assert e.value.body["param"] == "tools"
+                                       logit_bias={"5": 1})
+    assert e.value.body["param"] == "logit_bias"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"bogus_field": 1})

@@ -210,3 +210,42 @@ def test_stop_strings_cannot_cut_a_forced_tool_call(srv):
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "tools": [WEATHER, TIME],
         "tool_choice": "required", "stop": ["}"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+
+
+def test_stop_strings_cannot_cut_a_schema_document(srv):
+    r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+        "response_format": {"type": "json_object"}, "stop": ["}"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+
+
+def test_logprobs_under_a_grammar_are_numbers(oc):
+    r = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], response_format=FORMAT,
+                                   max_tokens=30, temperature=0, logprobs=True, top_logprobs=5)
+    for lp in r.choices[0].logprobs.content:
+        assert isinstance(lp.logprob, float) and lp.logprob > float("-inf")
+        assert all(isinstance(t.logprob, float) and t.logprob > float("-inf") for t in lp.top_logprobs)
+
+
+def test_a_tool_call_cut_by_max_tokens_is_returned_as_it_streams(oc):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+              tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=4, temperature=0)
+    r = oc.chat.completions.create(**kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "length" and call.function.name == "get_weather"
+    streamed = ""
+    for chunk in oc.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                streamed += tc.function.arguments or ""
+    assert streamed == call.function.arguments and streamed.startswith("{")
+
+
+def test_n_2_tool_calls_each_validate(oc):
+    r = oc.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Time?"}], tools=[TIME],
+                                   tool_choice="required", n=2, max_tokens=50, temperature=1.0, seed=9,
+                                   parallel_tool_calls=False)
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls[0].function.name == "get_time"
+        jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), TIME["function"]["parameters"])
