@@ -93,3 +93,26 @@ def test_the_engine_process_serves_on_cuda(tiny_dir, ironing):
     """`--engine-process` on a GPU: CUDA initialised in a spawned process, graphs captured there."""
     answers, graphs = _answers(tiny_dir, ironing, True, engine_process=True)
     assert graphs == 4 * 16 and all(text for text, _ in answers)
+
+
+def test_structured_outputs_hold_on_cuda_with_graphs(tiny_dir):
+    """The grammar masks are unpacked on the device; CUDA graphs produce the logits they mask."""
+    import json
+
+    import jsonschema
+    import openai
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "s": {"enum": ["a", "b"]}},
+              "required": ["n", "s"], "additionalProperties": False}
+    srv = LiveServer(Settings(model=str(tiny_dir), device="cuda", max_batch_size=8)).start()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], n=4, max_tokens=64, temperature=1.0, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+        for c in r.choices:
+            assert c.finish_reason == "stop"
+            jsonschema.validate(json.loads(c.message.content), schema)
+    finally:
+        srv.stop()
