@@ -94,7 +94,7 @@ def test_request_limits(small):
     assert_error(post(small, hi(n=3)), 400, param="n")
     assert_error(post(small, hi(stop=["a", "b", "c"])), 400, param="stop")
     assert_error(post(small, hi(messages=[{"role": "user", "content": "x"}] * 5)), 400, param="messages")
-    assert_error(post(small, hi(response_format={"type": "json_object"})), 400, param="response_format")
+    assert_error(post(small, hi(response_format={"type": "xml"})), 400, param="response_format.type")
 
 
 def _png_header_only(width: int, height: int) -> bytes:
