@@ -52,3 +52,10 @@ def test_the_http_side_reaches_the_engine_only_through_its_interface_and_types()
         package = "server.routes" if path.parent.name == "routes" else "server"
         engine = {m for m in _imports(path, package) if m.startswith("server.engine")}
         assert engine <= allowed, f"{path.name} imports {engine - allowed}"
+
+
+def test_the_scheduler_and_the_vision_cache_need_no_torch():
+    code = ("import sys, server.engine.scheduler, server.engine.vision_cache, server.engine.types, "
+            "server.engine.stopping, server.engine.streams; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

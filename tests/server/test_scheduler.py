@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from model.sampling import SamplingParams
+from model.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.types import EngineRequest
 
