@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.sampling import SamplingParams, TokenLogprob
+from model.sampling_params import SamplingParams, TokenLogprob
 
 __all__ = ["CachedImage", "EngineError", "EngineRequest", "EngineStats", "ErrorKind", "Event", "FinishedRequest",
            "ModelInfo", "SamplingParams", "TokenLogprob"]

@@ -47,6 +47,7 @@ class VisionStage:
         self._wanted = wanted  # False once the request was aborted: skip it
         self._nice = nice
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()  # queued requests are skipped, not encoded, once set
         self.thread: threading.Thread | None = None
         self.pending = 0  # submitted and not yet done (read by the engine thread only)
 
@@ -55,6 +56,7 @@ class VisionStage:
         self.thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
         self._inbox.put(None)
         if self.thread:
             self.thread.join(timeout)
@@ -71,7 +73,7 @@ class VisionStage:
             request = self._inbox.get()
             if request is None:
                 return
-            if not self._wanted(request.request_id):  # aborted while queued
+            if self._stopping.is_set() or not self._wanted(request.request_id):  # stopping, or aborted while queued
                 self._done(request, None)
                 continue
             t0 = time.perf_counter()

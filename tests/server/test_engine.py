@@ -363,3 +363,35 @@ def test_a_stop_check_that_fails_for_one_sequence_fails_only_that_one(tiny_lm):
     for events in (together[0], together[2]):
         assert events[-1].finish_reason == "length" and sum(len(ev.token_ids) for ev in events) == 200
     assert [t for ev in together[0] for t in ev.token_ids] == [t for ev in alone for t in ev.token_ids]
+
+
+def test_stopping_skips_queued_vision_work_and_ends_every_stream(tiny_lm, ironing):
+    from model.processor import prepare_image
+
+    image = prepare_image(ironing.resize((300, 200)), tiny_lm.cfg, None, norm=tiny_lm.image_norm)
+    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=2048), max_batch_size=2)
+
+    def slow_vision(stage, requests):
+        if stage == "vision":
+            time.sleep(1.0)
+
+    engine.fault_hook = slow_vision
+    engine.start()
+
+    async def main():
+        streams = [engine.submit(EngineRequest(f"v{i}", [1, -200, 5], [image], SamplingParams(max_tokens=2), 2000))
+                   for i in range(6)]
+        await asyncio.sleep(0.2)  # the first is being encoded, five wait in the vision queue
+        t0 = time.monotonic()
+        await asyncio.to_thread(engine.stop)
+        took = time.monotonic() - t0
+
+        async def last(stream):
+            return [ev async for ev in stream][-1]
+
+        ends = await asyncio.wait_for(asyncio.gather(*(last(s) for s in streams)), 10)
+        return took, ends
+
+    took, ends = asyncio.run(main())
+    assert took < 3, f"stop waited {took:.1f} s for queued vision work"
+    assert all(ev.finish_reason == "error" for ev in ends)
