@@ -9,6 +9,17 @@ from typing import Iterator
 
 import torch
 
+# safetensors' dtype names (its header's) -> torch dtypes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used; the message says why."""
+
+
 WEIGHT_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 
@@ -67,11 +78,14 @@ class TensorSource:
             return tuple(self._bins[key].shape)
         return tuple(handle.get_slice(key).get_shape())  # type: ignore[attr-defined]
 
-    def dtype_name(self, key: str) -> str:
+    def dtype(self, key: str) -> torch.dtype:
         handle = self._where[key]
         if handle is None:
-            return str(self._bins[key].dtype).replace("torch.", "")
-        return str(handle.get_slice(key).get_dtype())  # type: ignore[attr-defined]
+            return self._bins[key].dtype
+        return SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()]  # type: ignore[attr-defined]
+
+    def dtype_name(self, key: str) -> str:
+        return str(self.dtype(key)).replace("torch.", "")
 
     def get(self, key: str) -> torch.Tensor:
         handle = self._where[key]

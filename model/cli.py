@@ -19,6 +19,7 @@ from .templates import TEMPLATES, Message
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.cli", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--model-base", default=None, help="base model directory of a LoRA checkpoint")
     ap.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--template", choices=["auto", *TEMPLATES], default="auto")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from .generation import generate
 
     try:
-        lm = load_model(args.model, LoadOptions(device=args.device, dtype=args.dtype,
+        lm = load_model(args.model, LoadOptions(device=args.device, dtype=args.dtype, model_base=args.model_base,
                                                 quantization=args.quantization, allow_download=args.allow_download,
                                                 attention=args.attention))
         images = [load_image(p) for p in args.image]

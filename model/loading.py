@@ -2,7 +2,10 @@
 
 Modules are built on the meta device; each tensor is then read on its own (memory-mapped),
 converted straight to the target dtype and device and assigned. No float32 copy of the whole
-model ever exists on the way to bf16/fp16.
+model ever exists on the way to bf16/fp16. A LoRA checkpoint (SliME-Llama3-70B) is read through
+`lora.LoraSource`, which merges each adapted weight as it is read; with quantization, each
+decoder layer is quantized as soon as it is loaded, so the full-precision LLM is never on the
+device whole.
 """
 
 from __future__ import annotations
@@ -19,24 +22,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import TensorSource, weight_files
+from .checkpoint import CheckpointError, TensorSource, weight_files
 from .config import SliMEConfig, VisionConfig
+from .fit import check_fits_on_device
+from .lora import LoraSource, llm_linear_shapes, open_weights
 from .modeling import SliMEForCausalLM
 from .slicing import CLIP_NORM, ImageNorm
 from .templates import detect_template
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VISION_PREFIX = "model.vision_tower.vision_tower."
 # Keys official checkpoints carry that inference does not use.
 _IGNORED_SUFFIXES = ("mm_projector.w_noise", "mm_projector.mean", "mm_projector.std", "rotary_emb.inv_freq",
                      "vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias",
                      "vision_model.embeddings.position_ids")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be used; the message says why."""
 
 
 @dataclass
@@ -46,6 +48,7 @@ class LoadOptions:
     quantization: str = "none"  # none | 8bit | 4bit
     allow_download: bool = False
     attention: str = "auto"  # auto | sdpa | flash_attention_2
+    model_base: str | Path | None = None  # base model of a LoRA checkpoint (the reference's model_base)
 
 
 @dataclass
@@ -197,8 +200,8 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
     cfg = SliMEConfig.from_file(path)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    main = TensorSource(weight_files(path))
-    sources: dict[str, TensorSource] = {"": main}
+    main = open_weights(path, opts.model_base, merge_device=device if device.type == "cuda" else None)
+    sources: dict[str, TensorSource | LoraSource] = {"": main}
     vision_cfg = cfg.vision
     tower_prefix = VISION_PREFIX
     tower_src = main
@@ -228,30 +231,49 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
     try:
         with torch.device("meta"):
             model = SliMEForCausalLM(cfg, vision_cfg)
-        _load_weights(model, cfg, main, tower_src, tower_prefix, device=device, dtype=dtype)
+        if isinstance(main, LoraSource):
+            main.add_fresh_pos_embeds(model)
+            problems = main.problems(llm_linear_shapes(model))
+            if problems:
+                raise CheckpointError(f"LoRA checkpoint {path} with base {opts.model_base}: " + " | ".join(problems))
+        check_fits_on_device(model, dtype, opts.quantization, device)
+        _load_weights(model, cfg, main, tower_src, tower_prefix, device=device, dtype=dtype,
+                      quantization=opts.quantization)
     finally:
         for s in sources.values():
             s.close()
     model.eval()
-    if opts.quantization != "none":
-        from .quantization import quantize_llm
-
-        quantize_llm(model.llm, opts.quantization, compute_dtype=dtype, device=device)
     if device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none":
         model.llm.enable_batch_invariant()
     elif opts.quantization == "none":
         model.llm.fuse_projections()
     model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(_tokenizer_dir(path, main))
     template = detect_template(tokenizer.get_vocab())
     stats = {"load_seconds": time.perf_counter() - t0,
              "parameters": sum(p.numel() for p in model.parameters())}
+    if isinstance(main, LoraSource):
+        stats["lora_merged_weights"] = len(main.pairs)
     return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats, read_image_norm(norm_dirs),
                        opts.quantization)
 
 
-def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource, tower: TensorSource,
-                  tower_prefix: str, *, device: torch.device, dtype: torch.dtype) -> None:
+def _tokenizer_dir(path: Path, main: TensorSource | LoraSource) -> Path:
+    """The reference reads a LoRA checkpoint's tokenizer from its base model (falling back on the
+    checkpoint's own when the base has none)."""
+    if isinstance(main, LoraSource) and any((main.base_dir / n).exists() for n in TOKENIZER_FILES):
+        return main.base_dir
+    return path
+
+
+def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource | LoraSource,
+                  tower: TensorSource | LoraSource, tower_prefix: str, *, device: torch.device, dtype: torch.dtype,
+                  quantization: str = "none") -> None:
+    quantizer = None
+    if quantization != "none":
+        from .quantization import LayerQuantizer
+
+        quantizer = LayerQuantizer(model, quantization, compute_dtype=dtype, device=device)
     names = model.checkpoint_names()
     expected = dict(model.named_parameters())
     missing: list[str] = []
@@ -282,13 +304,18 @@ def _load_weights(model: SliMEForCausalLM, cfg: SliMEConfig, main: TensorSource,
         elif ours.endswith("mm_projector.w_gate"):
             tensor = tensor.to(torch.bfloat16).to(device=device, dtype=dtype)
         else:
-            tensor = tensor.to(device=device, dtype=dtype)
+            staged = quantizer is not None and quantizer.stages(ours)
+            tensor = tensor.to(device=torch.device("cpu") if staged else device, dtype=dtype)
         _set_tensor(model, ours, tensor)
+        if quantizer is not None:
+            quantizer.loaded(ours)
     unexpected = [k for k in main.keys() if k not in used and not _ignorable(k, model)]
     if missing or misshaped or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+            where = getattr(main, "origin", "")  # a LoraSource says where it looked
+            parts.append(f"missing keys ({len(missing)}){where}: {', '.join(missing[:20])}"
+                         f"{' ...' if len(missing) > 20 else ''}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
                          f"{' ...' if len(unexpected) > 20 else ''}")

@@ -38,6 +38,15 @@ def tiny_llama3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory) -> tuple[Path, Path]:
+    """(LoRA checkpoint, its base model) in SliME-Llama3-70B's layout (weights.tiny_lora)."""
+    from weights.tiny_lora import make_tiny_lora
+
+    root = tmp_path_factory.mktemp("lora")
+    return make_tiny_lora(root / "tiny-lora", root / "tiny-lora-base")
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tiny_dir):
     from model.loading import LoadOptions, load_model
 

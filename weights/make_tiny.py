@@ -2,6 +2,7 @@
 
     python -m weights.make_tiny OUT [--template vicuna_v1|llama3] [--seed N]
         [--format safetensors|sharded|bin] [--tower separate|embedded] [--projector gated|mlp2x_gelu|linear]
+    python -m weights.make_tiny --lora OUT [--lora-base BASE] [--template ...] [--seed N]
 
 A tiny CLIP tower that still makes 576 patches from 336 x 336 (mm_hidden_size 128), a small
 Llama and a real tokenizer trained here. The weights are scaled so that greedy output depends on
@@ -17,6 +18,7 @@ import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,58 +159,83 @@ def _save(tensors: dict[str, torch.Tensor], out: Path, fmt: str) -> None:
         raise ValueError(f"unknown format {fmt!r}")
 
 
+@dataclass
+class TinyParts:
+    """Everything a tiny checkpoint holds but its tokenizer (already written to the directory)."""
+
+    llm: dict[str, torch.Tensor]  # model.embed_tokens / model.layers / model.norm / lm_head
+    projector: dict[str, torch.Tensor]  # model.mm_projector.* and model.sampler.*
+    vision: dict[str, torch.Tensor]  # the CLIP tower's own names
+    config: dict
+    generation_config: dict
+    generator: torch.Generator  # where the draws stopped, for callers that draw more
+
+
+def build_tiny_parts(tok_dir: Path, *, template: str = "vicuna_v1", seed: int = 0, projector: str = "gated",
+                     size: str = "tiny") -> TinyParts:
+    """Train the tokenizer into `tok_dir` and draw the weights (always in the same order, so a
+    seed gives the same tensors whatever is built from them)."""
+    llm = SIZES[size]
+    if template == "vicuna_v1":
+        build_sentencepiece(tok_dir, seed=seed)
+    elif template == "llama3":
+        build_llama3(tok_dir, seed=seed)
+    else:
+        raise ValueError(f"unknown template {template!r}")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    vocab = len(tok)
+    sep = tok.convert_tokens_to_ids(",")  # as official configs: the id of ","
+    g = torch.Generator().manual_seed(seed)
+    vision = _vision_tensors(g)
+    llm_tensors = _llm_tensors(vocab, g, llm)
+    proj_tensors = _projector_tensors(projector, g, llm["hidden_size"])
+    slime = projector == "gated"
+    eos = tok.eos_token_id if template == "vicuna_v1" else [tok.convert_tokens_to_ids("<|end_of_text|>"),
+                                                             tok.convert_tokens_to_ids("<|eot_id|>")]
+    config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": vocab,
+              **llm, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
+              "bos_token_id": tok.bos_token_id, "eos_token_id": eos, "pad_token_id": None,
+              "mm_vision_tower": TOWER_DIR, "mm_hidden_size": VISION["hidden_size"],
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "mm_projector_type": projector, "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+              "image_aspect_ratio": "anyres" if slime else "pad",
+              "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+              "mm_patch_merge_type": "spatial" if slime else "flat",
+              "tokenizer_model_max_length": 2048, "use_cache": True}
+    if slime:
+        config.update({"mm_resampler_type": "cosine", "mm_resampler_dim": 144, "mm_resampler_topp": 0.95,
+                       "mm_resampler_temp": 1.0, "seperator": sep, "mm_learnable_gated": -1,
+                       "use_global_only": False, "use_local_only": False})
+    generation = {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, "do_sample": False}
+    return TinyParts(llm_tensors, proj_tensors, vision, config, generation, g)
+
+
+def write_tower(vision: dict[str, torch.Tensor], directory: Path) -> None:
+    directory.mkdir()
+    _save(vision, directory, "safetensors")
+    (directory / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"], **VISION}, indent=2))
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+
+
 def make_tiny(out: str | Path, *, template: str = "vicuna_v1", seed: int = 0, fmt: str = "safetensors",
               tower: str = "separate", projector: str = "gated", size: str = "tiny") -> Path:
     """Write the tiny checkpoint to `out` (replaced atomically) and return its path. `size` picks
     the LLM's shapes (SIZES); the vision side and the tokenizer are the same for every size."""
-    llm = SIZES[size]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
-        if template == "vicuna_v1":
-            build_sentencepiece(tmp, seed=seed)
-        elif template == "llama3":
-            build_llama3(tmp, seed=seed)
-        else:
-            raise ValueError(f"unknown template {template!r}")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tmp))
-        vocab = len(tok)
-        sep = tok.convert_tokens_to_ids(",")  # as official configs: the id of ","
-        g = torch.Generator().manual_seed(seed)
-        vision = _vision_tensors(g)
-        tensors = {**_llm_tensors(vocab, g, llm), **_projector_tensors(projector, g, llm["hidden_size"])}
-        slime = projector == "gated"
-        eos = tok.eos_token_id if template == "vicuna_v1" else [tok.convert_tokens_to_ids("<|end_of_text|>"),
-                                                                 tok.convert_tokens_to_ids("<|eot_id|>")]
-        config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": vocab,
-                  **llm, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
-                  "bos_token_id": tok.bos_token_id, "eos_token_id": eos, "pad_token_id": None,
-                  "mm_vision_tower": TOWER_DIR, "mm_hidden_size": VISION["hidden_size"],
-                  "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-                  "mm_projector_type": projector, "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-                  "image_aspect_ratio": "anyres" if slime else "pad",
-                  "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-                  "mm_patch_merge_type": "spatial" if slime else "flat",
-                  "tokenizer_model_max_length": 2048, "use_cache": True}
-        if slime:
-            config.update({"mm_resampler_type": "cosine", "mm_resampler_dim": 144, "mm_resampler_topp": 0.95,
-                           "mm_resampler_temp": 1.0, "seperator": sep, "mm_learnable_gated": -1,
-                           "use_global_only": False, "use_local_only": False})
+        parts = build_tiny_parts(tmp, template=template, seed=seed, projector=projector, size=size)
+        tensors, vision, config = {**parts.llm, **parts.projector}, parts.vision, parts.config
         if tower == "embedded":
             tensors.update({"model.vision_tower.vision_tower." + k: v for k, v in vision.items()})
         else:
-            tower_dir = tmp / TOWER_DIR
-            tower_dir.mkdir()
-            _save(vision, tower_dir, "safetensors")
-            (tower_dir / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"], **VISION}, indent=2))
-            (tower_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+            write_tower(vision, tmp / TOWER_DIR)
         _save(tensors, tmp, fmt)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, "do_sample": False}, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(parts.generation_config, indent=2))
         (tmp / "README.md").write_text(
             "Random SliME checkpoint made by `python -m weights.make_tiny` (size %s, seed %d, template %s).\n"
             "Its answers are random words: it exists to exercise the real loading and serving code.\n"
@@ -225,8 +252,12 @@ def make_tiny(out: str | Path, *, template: str = "vicuna_v1", seed: int = 0, fm
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m weights.make_tiny", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out")
-    ap.add_argument("--template", choices=["vicuna_v1", "llama3"], default="vicuna_v1")
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--lora", metavar="OUT", default=None,
+                    help="write a LoRA checkpoint in SliME-Llama3-70B's layout (see weights.tiny_lora) instead")
+    ap.add_argument("--lora-base", metavar="BASE", default=None, help="where its base model goes (default: OUT-base)")
+    ap.add_argument("--template", choices=["vicuna_v1", "llama3"], default=None,
+                    help="vicuna_v1 (default), llama3 (the default with --lora)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--format", dest="fmt", choices=["safetensors", "sharded", "bin"], default="safetensors")
     ap.add_argument("--tower", choices=["separate", "embedded"], default="separate")
@@ -234,7 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=list(SIZES), default="tiny",
                     help="LLM shapes: tiny (tests), small (~20M parameters), medium (~100M) for benchmarks")
     args = ap.parse_args(argv)
-    path = make_tiny(args.out, template=args.template, seed=args.seed, fmt=args.fmt, tower=args.tower,
+    if (args.out is None) == (args.lora is None):
+        ap.error("give OUT, or --lora OUT")
+    if args.lora is not None:
+        from .tiny_lora import make_tiny_lora
+
+        lora, base = make_tiny_lora(args.lora, args.lora_base, template=args.template or "llama3", seed=args.seed)
+        print(lora)
+        print(base)
+        return 0
+    path = make_tiny(args.out, template=args.template or "vicuna_v1", seed=args.seed, fmt=args.fmt, tower=args.tower,
                      projector=args.projector, size=args.size)
     print(path)
     return 0

@@ -1,10 +1,12 @@
 """Check a checkpoint directory without loading the model.
 
-    python -m weights.verify DIR [--json]
+    python -m weights.verify DIR [--model-base BASE] [--json]
 
 Reads config.json and the weight index/headers, builds the model on the meta device (no memory),
 and reports missing, unexpected and mis-shaped keys plus parameter counts. Exit code 1 when the
-checkpoint is unusable.
+checkpoint is unusable. A LoRA checkpoint (SliME-Llama3-70B) is checked against its base model:
+the adapter's config, its ranks and shapes against the base's weights, adapter keys nothing uses,
+targeted modules the adapter has no weights for, and the non-LoRA trainables.
 """
 
 from __future__ import annotations
@@ -17,10 +19,38 @@ from pathlib import Path
 import torch
 
 
-def verify(directory: str | Path) -> dict:
+def _open(directory: Path, base: Path | None, report: dict):
+    """The checkpoint's tensors (a LoRA checkpoint merged with its base), or None with the reason
+    added to the report's problems."""
+    from model.checkpoint import CheckpointError, TensorSource, weight_files
+    from model.lora import LoraSource, is_lora_checkpoint, missing_base_message
+
+    try:
+        if is_lora_checkpoint(directory):
+            if base is None:
+                report["problems"].append(missing_base_message(directory))
+                return None
+            src = LoraSource(directory, base)
+            report["lora"] = {"base": str(base), "r": src.config.r, "alpha": src.config.alpha,
+                              "target_modules": src.config.target_modules, "merged_weights": len(src.pairs)}
+            return src
+        if base is not None:
+            report["problems"].append(f"a base model was given but {directory} is not a LoRA checkpoint "
+                                      "(no adapter_config.json)")
+            return None
+        files = weight_files(directory)
+    except (CheckpointError, FileNotFoundError) as e:
+        report["problems"].append(str(e))
+        return None
+    report["weight_files"] = [f.name for f in files]
+    return TensorSource(files)
+
+
+def verify(directory: str | Path, base: str | Path | None = None) -> dict:
     from model.checkpoint import TensorSource, weight_files
     from model.config import SliMEConfig, VisionConfig
     from model.loading import VISION_PREFIX, _ignorable, infer_vision_config
+    from model.lora import LoraSource, llm_linear_shapes
     from model.modeling import SliMEForCausalLM
 
     directory = Path(directory)
@@ -30,13 +60,10 @@ def verify(directory: str | Path) -> dict:
     except (OSError, ValueError, KeyError) as e:
         report["problems"].append(f"config.json: {e}")
         return report
-    try:
-        files = weight_files(directory)
-    except FileNotFoundError as e:
-        report["problems"].append(str(e))
+    src = _open(directory, Path(base) if base is not None else None, report)
+    if src is None:
         return report
-    report["weight_files"] = [f.name for f in files]
-    with TensorSource(files) as src:
+    with src:
         vision_cfg = cfg.vision
         tower = None
         if cfg.is_multimodal and vision_cfg is None:
@@ -53,6 +80,9 @@ def verify(directory: str | Path) -> dict:
                         "(it will be needed at load time)")
         with torch.device("meta"):
             model = SliMEForCausalLM(cfg, vision_cfg)
+        if isinstance(src, LoraSource):
+            src.add_fresh_pos_embeds(model)
+            report["problems"] += src.problems(llm_linear_shapes(model))
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         missing, misshaped, used = [], [], set()
         for ours, key in model.checkpoint_names().items():
@@ -70,6 +100,9 @@ def verify(directory: str | Path) -> dict:
             if s.shape(key) != shapes[ours]:
                 misshaped.append(f"{key}: checkpoint {list(s.shape(key))}, model {list(shapes[ours])}")
         unexpected = [k for k in src.keys() if k not in used and not _ignorable(k, model)]
+        if isinstance(src, LoraSource) and missing:
+            report["problems"].append(f"{len(missing)} key(s) in neither the base model nor non_lora_trainables.bin "
+                                      f"(see missing), e.g. {missing[0]}")
         if tower is not None:
             tower.close()
         counts = {"llm": sum(p.numel() for p in model.llm.parameters())}
@@ -88,9 +121,10 @@ def verify(directory: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m weights.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("dir")
+    ap.add_argument("--model-base", default=None, help="base model directory of a LoRA checkpoint")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    report = verify(args.dir)
+    report = verify(args.dir, args.model_base)
     if args.json:
         print(json.dumps(report))
     else:
