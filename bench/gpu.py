@@ -81,13 +81,18 @@ def decode_rate(llm, batch: int, *, graphs: bool, context: int, steps: int, dtyp
 
     device = llm.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # the CPU: tests only
-    cache = llm.new_cache(num_slots=batch + 1, max_len=context + steps + 16, dtype=dtype, device=device)
+    max_len = context + steps + 16
+    cache = llm.new_cache(num_slots=batch, max_len=max_len, dtype=dtype, device=device)
+    tables = [cache.slot_table(i) for i in range(batch)]
     ids = [1] * batch
     if graphs:
-        step = DecodeGraphs(llm, cache)
+        graph_step = DecodeGraphs(llm, cache, max_batch=batch, max_len=max_len)
+
+        def step(ids, positions):
+            return graph_step(ids, positions, tables)
     else:
         def step(ids, positions):
-            return llm.logits(llm.decode(llm.embed(torch.tensor(ids, device=device)), positions, cache))
+            return llm.logits(llm.decode(llm.embed(torch.tensor(ids, device=device)), positions, cache, tables))
     sync()
     t0 = time.perf_counter()
     ids = step(ids, [context] * batch).argmax(-1).tolist()  # with graphs: the capture (and compiling)
@@ -152,12 +157,13 @@ def kernel_profile(llm, context: int, dtype: torch.dtype, steps: int = 5) -> tup
 
 @torch.inference_mode()
 def capture_all(llm, dtype: torch.dtype, slots: int = 16, max_len: int = 4096) -> dict:
-    """What `--cuda-graph-capture startup` costs a server of `slots` x `max_len`: seconds and memory."""
+    """What `--cuda-graph-capture startup` costs a server of batch `slots` and `max_len`: seconds
+    and memory."""
     from model.decode_graphs import DecodeGraphs
 
-    cache = llm.new_cache(num_slots=slots + 1, max_len=max_len, dtype=dtype, device=llm.lm_head.weight.device)
-    graphs = DecodeGraphs(llm, cache)
-    graphs([0], [3])  # the server's warm-up: the first capture (and any compiling), not timed here
+    cache = llm.new_cache(num_slots=slots, max_len=max_len, dtype=dtype, device=llm.lm_head.weight.device)
+    graphs = DecodeGraphs(llm, cache, max_batch=slots, max_len=max_len)
+    graphs([0], [3], [cache.slot_table(0)])  # the server's warm-up: the first capture (and any compiling), not timed
     torch.cuda.synchronize()
     before = torch.cuda.memory_reserved()
     t0 = time.perf_counter()

@@ -9,9 +9,9 @@ From Python each launch costs more than the kernel itself at small batches, so e
 reaches a fraction of the memory-bandwidth roofline. A replayed graph launches them all at once.
 
 Shapes are fixed per graph: the batch is padded up to a bucket (1, 2, 4, 8, then multiples of 8)
-and the keys each row reads up to a multiple of `span_block` (the rest masked). Padding rows feed
-token 0 at position 0 and write their K/V to a scratch slot (the cache's last one), so they never
-touch a live sequence's cache. Without CUDA (or with `use_graphs=False`) the same static step runs
+and the keys each row reads up to a multiple of `span_block` (the rest masked); block tables are
+a static `[max_batch, max_len / block_size]` buffer. Padding rows feed token 0 at position 0 with
+an all-null table, so they write only to the null block, never to a live sequence's blocks. Without CUDA (or with `use_graphs=False`) the same static step runs
 eagerly, which is what the CPU tests check against `LlamaForCausalLM.decode`.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import NULL_BLOCK, KVCache
 from .llm import LlamaForCausalLM
 
 
@@ -30,30 +30,32 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Batched decode over slots 0..B-1 of `cache`; its last slot is reserved as scratch."""
+    """Batched decode of up to `max_batch` sequences of at most `max_len` positions over `cache`."""
 
-    def __init__(self, llm: LlamaForCausalLM, cache: KVCache, *, span_block: int = 256, use_graphs: bool | None = None):
-        if cache.num_slots < 2:
-            raise ValueError("DecodeGraphs needs a cache with at least one slot plus the scratch slot")
+    def __init__(self, llm: LlamaForCausalLM, cache: KVCache, *, max_batch: int, max_len: int, span_block: int = 256,
+                 use_graphs: bool | None = None):
+        if span_block % cache.block_size:
+            raise ValueError(f"span_block {span_block} is not a multiple of the block size {cache.block_size}")
         self.llm = llm
         self.cache = cache
         self.device = cache.k.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.scratch = cache.num_slots - 1
-        self.max_batch = cache.num_slots - 1
+        self.max_batch = max_batch
+        self.max_len = -(-max_len // cache.block_size) * cache.block_size
         self.buckets = batch_buckets(self.max_batch)
         self.span_block = span_block
         n = self.buckets[-1]
-        # Static inputs every graph reads (a graph replays on fixed addresses): rows of token ids,
-        # positions and slots, sent in one copy per step.
-        self._inputs = torch.zeros(3, n, dtype=torch.long, device=self.device)
-        self.ids, self.positions, self.slots = self._inputs
+        # Static inputs every graph reads (a graph replays on fixed addresses): token ids and
+        # positions, and block tables, each sent in one copy per step.
+        self._inputs = torch.zeros(2, n, dtype=torch.long, device=self.device)
+        self.ids, self.positions = self._inputs
+        self.tables = torch.zeros(n, self.max_len // cache.block_size, dtype=torch.long, device=self.device)
         # One output buffer for all graphs (each graph copies its logits there), so that the graphs'
         # own allocations can all come from, and be reused within, one shared memory pool.
         self.logits = torch.zeros(n, llm.cfg.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        llm.rope_tables(cache.max_len, self.device)  # built now, never inside a capture
+        llm.rope_tables(self.max_len, self.device)  # built now, never inside a capture
 
     @property
     def num_graphs(self) -> int:
@@ -64,7 +66,7 @@ class DecodeGraphs:
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch bucket, key span) a call can need."""
-        top = self.cache.max_len
+        top = self.max_len
         spans = [min(s, top) for s in range(self.span_block, top + self.span_block, self.span_block)]
         return [(b, s) for b in self.buckets for s in spans]
 
@@ -80,20 +82,23 @@ class DecodeGraphs:
         return len(todo)
 
     def span(self, positions: list[int]) -> int:
-        return min(-(-(max(positions) + 1) // self.span_block) * self.span_block, self.cache.max_len)
+        return min(-(-(max(positions) + 1) // self.span_block) * self.span_block, self.max_len)
 
     @torch.inference_mode()
-    def __call__(self, ids: list[int], positions: list[int]) -> torch.Tensor:
-        """Sequence i (in slot i) feeds token ids[i] at positions[i] -> float32 logits `[B, V]`.
+    def __call__(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Row i feeds token ids[i] at positions[i] through block table tables[i] -> float32 logits
+        `[B, V]`.
 
         The result is a view of the graph's output buffer: read it before the next call."""
         b = len(ids)
-        if not 0 < b <= self.max_batch or len(positions) != b:
+        if not 0 < b <= self.max_batch or len(positions) != b or len(tables) != b:
             raise ValueError(f"decode batch of {b} (max {self.max_batch})")
+        if max(positions) >= self.max_len:
+            raise ValueError(f"position {max(positions)} past the {self.max_len} positions graphs were made for")
         nb, span = self.bucket(b), self.span(positions)
         pad = nb - b
-        rows = [ids + [0] * pad, positions + [0] * pad, list(range(b)) + [self.scratch] * pad]
-        self._inputs[:, :nb].copy_(torch.tensor(rows))  # pageable: the host list is free once this returns
+        self._inputs[:, :nb].copy_(torch.tensor([ids + [0] * pad, positions + [0] * pad]))
+        self.tables[:nb].copy_(self.cache.tables(list(tables) + [[]] * pad, self.max_len))
         if not self.use_graphs:
             self._step(nb, span)
         else:
@@ -104,13 +109,14 @@ class DecodeGraphs:
         return self.logits[:b]
 
     def _step(self, nb: int, span: int) -> None:
-        self.logits[:nb].copy_(self.llm.decode_static(self.ids[:nb], self.positions[:nb], self.slots[:nb],
-                                                      self.cache, span))
+        cols = span // self.cache.block_size
+        self.logits[:nb].copy_(self.llm.decode_static(self.ids[:nb], self.positions[:nb], self.tables[:nb, :cols],
+                                                      self.cache))
 
     def _capture(self, nb: int, span: int) -> torch.cuda.CUDAGraph:
-        # Warm-up and capture write K/V: point every row at the scratch slot meanwhile.
-        live = self.slots[:nb].clone()
-        self.slots[:nb] = self.scratch
+        # Warm-up and capture write K/V: point every row at the null block meanwhile.
+        live = self.tables[:nb].clone()
+        self.tables[:nb] = NULL_BLOCK
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -121,6 +127,6 @@ class DecodeGraphs:
         # thread_local: the vision thread may use the GPU while the engine thread captures
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(nb, span)
-        self.slots[:nb] = live
+        self.tables[:nb] = live
         self._graphs[(nb, span)] = graph
         return graph

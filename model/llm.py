@@ -1,15 +1,16 @@
-"""Llama decoder (weight names as in transformers' `LlamaForCausalLM`) over a slot KV cache.
+"""Llama decoder (weight names as in transformers' `LlamaForCausalLM`) over a paged KV cache.
 
 Two entry points, both taking input embeddings so that image rows can be spliced in:
 `prefill` runs one sequence's chunk of positions; `decode` runs one new token for each of B
-sequences held in cache slots 0..B-1, as ONE batched forward.
+sequences, each reading and writing the paged cache through its block table, as ONE batched
+forward.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,20 +113,25 @@ def fuse_linears(owner: nn.Module, name: str, layers: list[nn.Module]) -> bool:
 KEY_BUCKET = 64
 
 
-def bucket_bias(lengths: list[int], max_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`[B, 1, 1, span]`: 0 for a valid key, -inf for padding; span = max length rounded up to
-    KEY_BUCKET. Added to the scores (x + 0 == x exactly): a broadcast add is several times
-    cheaper than `masked_fill` with a broadcast mask."""
-    span = min(-(-max(lengths) // KEY_BUCKET) * KEY_BUCKET, max_len)
+def key_span(lengths: list[int], block_size: int) -> int:
+    """Keys a batch-invariant decode step reads per sequence: the longest length rounded up to
+    KEY_BUCKET (and to whole blocks)."""
+    unit = math.lcm(KEY_BUCKET, block_size)
+    return -(-max(lengths) // unit) * unit
+
+
+def bucket_bias(lengths: list[int], span: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[B, 1, 1, span]`: 0 for a valid key, -inf for padding. Added to the scores (x + 0 == x
+    exactly): a broadcast add is several times cheaper than `masked_fill` with a broadcast mask."""
     lens = torch.tensor(lengths, device=device).view(-1, 1, 1, 1)
     pad = torch.arange(span, device=device) >= lens
     return torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, float("-inf"))
 
 
-def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, bias: torch.Tensor,
-                              num_kv_heads: int) -> torch.Tensor:
-    """Batch-invariant decode attention: q `[B, H, 1, hd]` over slots 0..B-1 of the cache, keys
-    up to a multiple of KEY_BUCKET with padding masked by `bias` (see `bucket_bias`) -> `[B, H, 1, hd]`.
+def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Batch-invariant decode attention: q `[B, H, 1, hd]` over each sequence's gathered blocks,
+    keys and values `[Hkv, B, span, hd]`, padding masked by `bias` `[B, 1, 1, span]` (see
+    `bucket_bias`) -> `[B, H, 1, hd]`.
 
     Each score is its own dot product, and the softmax and value sums see the valid keys at the
     same offsets whatever the padding, so a row's result does not depend on the other rows
@@ -133,12 +139,12 @@ def bucketed_decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tenso
     call per sequence.
     """
     b, h, _, hd = q.shape
-    span = bias.shape[-1]
-    qg = q.view(b, num_kv_heads, h // num_kv_heads, hd)  # query heads grouped by their KV head
-    scores = torch.matmul(qg, ck[:b, :, :span].transpose(-1, -2))  # [B, Hkv, g, span]
-    scores = scores.mul_(hd**-0.5).add_(bias)
-    out = torch.matmul(torch.softmax(scores, dim=-1), cv[:b, :, :span])  # [B, Hkv, g, hd]
-    return out.view(b, h, 1, hd)
+    hkv, _, span, _ = keys.shape
+    qg = q.view(b, hkv, h // hkv, hd).transpose(0, 1)  # [Hkv, B, g, hd]: query heads by KV head
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Hkv, B, g, span]
+    scores = scores.mul_(hd**-0.5).add_(bias.view(1, b, 1, span))
+    out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [Hkv, B, g, hd]
+    return out.transpose(0, 1).reshape(b, h, 1, hd)
 
 
 class Attention(nn.Module):
@@ -174,31 +180,28 @@ class Attention(nn.Module):
             k = linear(self.k_proj, x, pr).view(b, t, hkv, hd).transpose(1, 2)
             v = linear(self.v_proj, x, pr).view(b, t, hkv, hd).transpose(1, 2)
             q, k = rope(q), rope(k)
-        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, Hkv, Tmax, hd]
+        layer = self.layer_idx
         gqa = self.num_kv_heads != self.num_heads
-        if step.positions is not None:  # decode: sequence i sits in slot i
-            real = step.slots.shape[0]
-            ck[step.slots, :, step.positions] = k[:real, :, 0]
-            cv[step.slots, :, step.positions] = v[:real, :, 0]
+        if step.positions is not None:  # decode: row i feeds one token at positions[i]
+            real = step.positions.shape[0]  # rows past it only pad the batch (see `linear`)
+            cache.write(layer, *step.write_at, k[:real, :, 0].transpose(0, 1), v[:real, :, 0].transpose(0, 1))
+            keys, values = cache.gather(layer, step.tables)  # [Hkv, B, span, hd]
             if step.per_row:
-                real = step.slots.shape[0]  # rows past it only pad the batch (see `linear`)
-                out = bucketed_decode_attention(q[:real], ck, cv, step.pad, self.num_kv_heads)
+                out = paged_decode_attention(q[:real], keys, values, step.pad)
                 out = out.transpose(1, 2).reshape(real, t, -1)
                 if real < b:
                     out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
                 return linear(self.o_proj, out, pr)
-            k, v = ck[:b, :, :step.length], cv[:b, :, :step.length]
-        else:
-            ck[step.slot, :, step.start:step.start + t] = k[0]
-            cv[step.slot, :, step.start:step.start + t] = v[0]
+            k, v = keys.transpose(0, 1), values.transpose(0, 1)  # [B, Hkv, span, hd]
+        else:  # prefill: one sequence's positions start..start+T-1
+            cache.write(layer, *step.write_at, k[0], v[0])
             if step.flash is not None and not step.start:  # flash-attn 2 wants [B, T, H, hd]
                 out = step.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
                 return linear(self.o_proj, out.reshape(b, t, -1), pr)
-            if step.start:
-                k = ck[step.slot:step.slot + 1, :, :step.start + t]
-                v = cv[step.slot:step.slot + 1, :, :step.start + t]
-                if cache.keys_transposed:  # SDPA's fused CPU kernel wants [T, hd] rows: one small copy
-                    k = k.contiguous()
+            if step.start:  # a later chunk: attend to the cached prefix as well
+                keys, values = cache.gather(layer, step.tables)  # [Hkv, 1, span, hd]
+                k = keys[:, :, :step.start + t].transpose(0, 1)
+                v = values[:, :, :step.start + t].transpose(0, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal, enable_gqa=gqa)
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), pr)
 
@@ -294,13 +297,18 @@ class LlamaForCausalLM(nn.Module):
         self.batch_invariant = True
         self.fuse_projections()
 
-    def new_cache(self, *, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
+    def new_cache(self, *, num_slots: int | None = None, max_len: int | None = None, num_blocks: int | None = None,
+                  block_size: int = 16, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
-        """A KV cache laid out for this model's decode kernel (keys transposed for the CPU one)."""
+        """A paged KV cache for this model: `num_blocks` blocks for an engine that assigns them,
+        or `num_slots` fixed tables of `max_len` positions (see `KVCache.for_slots`)."""
         cfg, w = self.cfg, self.lm_head.weight
-        return KVCache(num_layers=cfg.num_hidden_layers, num_slots=num_slots, num_kv_heads=cfg.num_key_value_heads,
-                       max_len=max_len, head_dim=cfg.dim_head, dtype=dtype or w.dtype, device=device or w.device,
-                       keys_transposed=self.batch_invariant)
+        kw = dict(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_head,
+                  dtype=dtype or w.dtype, device=device or w.device, block_size=block_size)
+        if num_blocks is not None:
+            return KVCache(num_blocks=num_blocks, **kw)
+        assert num_slots is not None and max_len is not None, "give num_blocks, or num_slots and max_len"
+        return KVCache.for_slots(num_slots=num_slots, max_len=max_len, **kw)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
@@ -332,39 +340,48 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, cache: KVCache, *, slot: int, start: int) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, cache: KVCache, *, start: int, slot: int | None = None,
+                table: Sequence[int] | None = None) -> torch.Tensor:
         """One sequence's positions `start..start+T-1`: embeds `[T, D]` -> last hidden `[D]`.
 
-        From position 0 the chunk attends to itself (plain causal attention, as a whole-prompt
-        forward does); later chunks attend to the cached prefix as well.
+        The sequence's blocks are `table` (or slot `slot`'s of a `for_slots` cache). From position
+        0 the chunk attends to itself (plain causal attention, as a whole-prompt forward does);
+        later chunks attend to the cached prefix as well.
         """
         t = embeds.shape[0]
         device = embeds.device
+        table = cache.slot_table(slot) if table is None else table
+        bs = cache.block_size
+        tables = cache.tables([table], -(-(start + t) // bs) * bs)  # [1, nblk]
         positions = torch.arange(start, start + t, device=device).unsqueeze(0)  # [1, T]
         mask = None
         if start:
             keys = torch.arange(start + t, device=device).view(1, -1)
             mask = (keys <= positions.view(t, 1)).view(1, 1, t, start + t)
-        step = Step(slot=slot, start=start, mask=mask, causal=start == 0, flash=self.flash_attn)
+        step = Step(start=start, tables=tables, write_at=cache.where(tables[0], positions[0]), mask=mask,
+                    causal=start == 0, flash=self.flash_attn)
         return self._run(embeds.unsqueeze(0), positions, cache, step, start + t)[0, -1]
 
     @torch.inference_mode()
-    def decode(self, embeds: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
-        """One token for each of B sequences in slots 0..B-1 as one forward.
+    def decode(self, embeds: torch.Tensor, positions: list[int], cache: KVCache,
+               tables: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """One token for each of B sequences as one forward.
 
-        embeds `[B, D]`, positions (where each new token goes, known on the host) -> hidden `[B, D]`.
+        embeds `[B, D]`, positions (where each new token goes, known on the host), block tables
+        (default: slots 0..B-1 of a `for_slots` cache) -> hidden `[B, D]`.
         """
         b = embeds.shape[0]
         device = embeds.device
-        length = max(positions) + 1
+        if tables is None:
+            tables = [cache.slot_table(i) for i in range(b)]
+        lengths = [p + 1 for p in positions]
+        bs = cache.block_size
+        span = key_span(lengths, bs) if self.batch_invariant else -(-max(lengths) // bs) * bs
+        table = cache.tables(tables, span)  # [B, span / block_size]
         pos = torch.tensor(positions, device=device)
-        mask = None  # all at one length: every cached key up to `length` is valid
-        if not self.batch_invariant and min(positions) != length - 1:
-            mask = (torch.arange(length, device=device).view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, length)
-        pad = (bucket_bias([p + 1 for p in positions], cache.max_len, cache.k.dtype, device)
-               if self.batch_invariant else None)
-        step = Step(slots=torch.arange(b, device=device), positions=pos, length=length, mask=mask,
-                    per_row=self.batch_invariant, pad=pad)
+        bias = bucket_bias(lengths, span, cache.k.dtype, device)  # [B, 1, 1, span]
+        step = Step(positions=pos, tables=table, write_at=cache.where(table, pos), per_row=self.batch_invariant,
+                    pad=bias, mask=None if self.batch_invariant else bias)
         x, rope_pos = embeds.unsqueeze(1), pos.view(b, 1)
         if self.batch_invariant and b != padded_rows(b):
             # Pad once for the whole step (see `linear`): extra rows ride through the linears and
@@ -372,25 +389,26 @@ class LlamaForCausalLM(nn.Module):
             extra = padded_rows(b) - b
             x = torch.cat([x, x.new_zeros(extra, 1, x.shape[-1])])
             rope_pos = torch.cat([rope_pos, rope_pos.new_zeros(extra, 1)])
-        return self._run(x, rope_pos, cache, step, length)[:b, 0]
+        return self._run(x, rope_pos, cache, step, span)[:b, 0]
 
     @torch.inference_mode()
-    def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-                      span: int) -> torch.Tensor:
+    def decode_static(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+                      cache: KVCache) -> torch.Tensor:
         """The decode step with every shape fixed by (B, span) and no host sync, so that it can be
-        captured in a CUDA graph and replayed with new ids and positions (see `model.decode_graphs`).
+        captured in a CUDA graph and replayed with new ids, positions and tables (see
+        `model.decode_graphs`).
 
-        ids, positions, slots `[B]` on the device: row i feeds token ids[i] at positions[i], writes
-        its K/V to cache slot slots[i] and attends to the first `span` keys of slot i (i.e. to keys
-        0..positions[i] there, by mask). -> float32 logits `[B, V]`.
+        ids, positions `[B]` and block tables `[B, span / block_size]` on the device: row i feeds
+        token ids[i] at positions[i] and attends to keys 0..positions[i] of its table (padding rows
+        point at the null block). -> float32 logits `[B, V]`.
         """
-        b = ids.shape[0]
+        b, span = ids.shape[0], tables.shape[1] * cache.block_size
         keys = torch.arange(span, device=ids.device)
         masked = (keys.view(1, -1) > positions.view(-1, 1)).view(b, 1, 1, span)
         # additive (0 / -inf), built once: a boolean mask would be converted again in every layer
         bias = torch.zeros(masked.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(masked, float("-inf"))
-        step = Step(slots=slots, positions=positions, length=span, mask=bias)
-        hidden = self._run(self.embed(ids).unsqueeze(1), positions.view(b, 1), cache, step, cache.max_len)
+        step = Step(positions=positions, tables=tables, write_at=cache.where(tables, positions), mask=bias)
+        hidden = self._run(self.embed(ids).unsqueeze(1), positions.view(b, 1), cache, step, span)
         return self.lm_head(hidden[:, 0]).float()
 
 
@@ -398,11 +416,10 @@ class LlamaForCausalLM(nn.Module):
 class Step:
     """Where one forward reads and writes the cache."""
 
-    slot: int = 0  # prefill: the sequence's slot and first position
-    start: int = 0
-    slots: torch.Tensor | None = None  # decode: `[B]` slots (0..B-1) and new positions `[B]`
-    positions: torch.Tensor | None = None
-    length: int = 0  # decode: keys read per sequence
+    start: int = 0  # prefill: the chunk's first position
+    positions: torch.Tensor | None = None  # decode: the new position of each real row `[B]`
+    tables: torch.Tensor | None = None  # block tables `[B, nblk]` (prefill: `[1, nblk]`)
+    write_at: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks, offsets `[N]` of the new K/V
     mask: torch.Tensor | None = None  # boolean (True = attend) or additive
     causal: bool = False
     per_row: bool = False  # batch-invariant decode: padded linears, bucketed attention

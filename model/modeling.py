@@ -8,6 +8,7 @@ cosine selection against the prompt's text embeddings `[k, D]` -> rows
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class ImageReport:
     local_tokens: int  # before selection
     local_kept: int
     kept_mask: tuple[bool, ...] | None = None  # per local token (raster order), when requested
+    rows: int = 0  # LLM positions the image took
+    selection: str = ""  # digest of which local tokens were kept ("" without selection)
 
 
 class SliMEForCausalLM(nn.Module):
@@ -127,20 +130,23 @@ class SliMEForCausalLM(nn.Module):
         if self.post_qformer is None or feats.local_rows is None:
             rows = feats.global_rows
             assert rows is not None
-            return rows, ImageReport(feats.grid, feats.num_views, rows.shape[0], 0, 0)
+            return rows, ImageReport(feats.grid, feats.num_views, rows.shape[0], 0, 0, rows=rows.shape[0])
         local = feats.local_rows
         # The reference truncates the text embeddings (with one zero row per image) to the
         # training context before scoring.
         scores = selection_scores(local, text_embeds, num_pad=num_images)
         keep = select_tokens(scores, topp=cfg.mm_resampler_topp, temp=cfg.mm_resampler_temp)
         kept = local[keep]
+        keep_host = keep.cpu()
+        selection = hashlib.blake2b(keep_host.numpy().tobytes(), digest_size=16).hexdigest()
         mask = None
         if slime_selection:
             m = torch.zeros(local.shape[0], dtype=torch.bool)
-            m[keep.cpu()] = True
+            m[keep_host] = True
             mask = tuple(m.tolist())
-        report = ImageReport(feats.grid, feats.num_views, 0 if feats.global_rows is None else feats.global_rows.shape[0],
-                             local.shape[0], kept.shape[0], mask)
+        num_global = 0 if feats.global_rows is None else feats.global_rows.shape[0]
+        rows = kept.shape[0] + (num_global + 1 if num_global else 0)  # [global; separator;] kept
+        report = ImageReport(feats.grid, feats.num_views, num_global, local.shape[0], kept.shape[0], mask, rows, selection)
         if feats.global_rows is None:
             return kept, report
         sep = self.llm.embed(torch.tensor([cfg.separator_id], device=local.device))

@@ -23,9 +23,18 @@ class Metrics:
                                     registry=r)
         self.prompt_tokens = Counter("slime_prompt_tokens", "Prompt positions fed to the LLM", registry=r)
         self.generation_tokens = Counter("slime_generation_tokens", "Generated tokens", registry=r)
-        self.running = Gauge("slime_num_requests_running", "Requests holding a KV-cache slot", registry=r)
-        self.waiting = Gauge("slime_num_requests_waiting", "Requests waiting for a slot", registry=r)
-        self.kv_usage = Gauge("slime_kv_cache_usage_ratio", "Share of KV-cache positions in use", registry=r)
+        self.running = Gauge("slime_num_requests_running", "Requests running (holding KV-cache blocks)", registry=r)
+        self.waiting = Gauge("slime_num_requests_waiting", "Requests waiting to run (preempted ones included)",
+                             registry=r)
+        self.kv_usage = Gauge("slime_kv_cache_usage_ratio", "Share of KV-cache blocks in use", registry=r)
+        self.kv_cached = Gauge("slime_kv_cache_cached_blocks", "KV-cache blocks a later prompt can reuse",
+                               registry=r)
+        self.prefix_queried = Counter("slime_prefix_cache_queried_tokens", "Prompt positions looked up in the "
+                                      "prefix cache", registry=r)
+        self.prefix_hits = Counter("slime_prefix_cache_hit_tokens", "Prompt positions found in the prefix cache "
+                                   "(or shared by the choices of one request): not computed", registry=r)
+        self.preemptions = Counter("slime_num_preemptions", "Sequences preempted when KV-cache blocks ran out "
+                                   "(computed again later)", registry=r)
         self.decode_graphs = Gauge("slime_decode_cuda_graphs", "Decode-step CUDA graphs captured (0: eager decode)",
                                    registry=r)
         self.batch_size = Histogram("slime_batch_size", "Sequences per decode forward",
@@ -55,6 +64,12 @@ class Metrics:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_usage)
+        self.kv_cached.set(stats.kv_cached_blocks)
+        if stats.prefix_queried_tokens:
+            self.prefix_queried.inc(stats.prefix_queried_tokens)
+            self.prefix_hits.inc(stats.prefix_hit_tokens)
+        if stats.preemptions:
+            self.preemptions.inc(stats.preemptions)
         self.decode_graphs.set(stats.cuda_graphs)
         for hist, values in ((self.ttft, stats.ttft), (self.itl, stats.itl), (self.queue_time, stats.queue_time),
                              (self.vision, stats.vision_seconds), (self.batch_size, stats.batch_sizes)):

@@ -165,5 +165,6 @@ class RequestPreparer:
         """One engine request per choice; choice i of a seeded request draws with seed + i."""
         return [EngineRequest(f"{cid}-{i}", prepared.input_ids, prepared.images,
                               params if i == 0 or params.seed is None else replace(params, seed=params.seed + i),
-                              prepared.max_prompt_tokens, slime_selection=req.slime_selection)
+                              prepared.max_prompt_tokens, slime_selection=req.slime_selection,
+                              group=cid if req.n > 1 else None)
                 for i in range(req.n)]

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Lists come from the environment as comma-separated text (SLIME_API_KEY=k1,k2), not JSON.
@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLIME_", extra="ignore")
 
     model: str | None = Field(None, description="checkpoint directory (none: the tiny demo checkpoint)")
+    model_base: str | None = Field(None, description="base model directory of a LoRA checkpoint (SliME-Llama3-70B: "
+                                   "Llama-3-70B-Instruct), merged in while loading")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(8000, description="HTTP port")
     device: str = Field("auto", description="auto | cuda | cuda:N | cpu")
@@ -32,12 +34,17 @@ class Settings(BaseSettings):
     allow_download: bool = Field(False, description="fetch a hub CLIP tower named by the checkpoint")
     cache_dir: Path = Field(Path.home() / ".cache" / "slime-serve", description="where the demo checkpoint is built")
     # engine
-    max_batch_size: int = Field(16, ge=1, le=256, description="KV-cache slots = sequences decoded together")
+    max_batch_size: int = Field(64, ge=1, le=256, description="most sequences running (decoded together) at once")
     max_waiting_requests: int = Field(64, ge=0, description="queue bound; beyond it 429")
     max_model_len: int = Field(4096, ge=64, description="positions per sequence (prompt with image rows + output)")
     default_max_tokens: int = Field(256, ge=1, description="when a request gives none")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens accepted")
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per engine step")
+    kv_cache_mb: int = Field(0, ge=0, description="KV-cache pool in MiB (0: auto: on CUDA 80 percent of the memory free "
+                             "after loading; on the CPU 16 sequences of max-model-len, at most 4 GiB)")
+    kv_block_size: int = Field(16, description="positions per KV-cache block (a power of two, 8 to 256)")
+    prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes seen before "
+                                 "(text, and images by content and kept tokens)")
     cuda_graphs: bool = Field(True, description="replay the decode step as CUDA graphs (CUDA, unquantized)")
     cuda_graph_capture: Literal["startup", "lazy"] = Field(
         "startup", description="startup: every batch and key-span bucket before serving; lazy: each at first use")
@@ -83,13 +90,29 @@ class Settings(BaseSettings):
         from .engine.factory import EngineConfig, resolve_model_dir
 
         return EngineConfig(
-            model=resolve_model_dir(self.model, self.cache_dir), device=self.device,
+            model=resolve_model_dir(self.model, self.cache_dir),
+            model_base=Path(self.model_base) if self.model_base else None, device=self.device,
             dtype=None if self.dtype == "auto" else self.dtype, quantization=self.quantization,
             attention=self.attention, allow_download=self.allow_download, max_batch_size=self.max_batch_size,
-            max_model_len=self.max_model_len, prefill_chunk=self.prefill_chunk, cuda_graphs=self.cuda_graphs,
+            max_model_len=self.max_model_len, prefill_chunk=self.prefill_chunk, kv_cache_mb=self.kv_cache_mb,
+            kv_block_size=self.kv_block_size, prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
             capture_all_graphs=self.cuda_graph_capture == "startup", compile=self.compile,
             vision_nice=self.vision_nice, vision_cache_mb=self.vision_cache_mb, engine_process=self.engine_process,
             fault_hook=self.fault_hook, log_format=self.log_format, log_level=self.log_level)
+
+    @field_validator("kv_block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v not in (8, 16, 32, 64, 128, 256):
+            raise ValueError("kv_block_size must be a power of two from 8 to 256")
+        return v
+
+    @model_validator(mode="after")
+    def _chunk_in_blocks(self):
+        if self.prefill_chunk % self.kv_block_size:
+            raise ValueError(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of kv_block_size "
+                             f"({self.kv_block_size})")
+        return self
 
     @field_validator("api_key", "image_url_domains", "cors_origins", mode="before")
     @classmethod

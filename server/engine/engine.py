@@ -17,6 +17,7 @@ from typing import Callable
 from .executor import DecodeOutcome, FaultHook, PrefillOutcome, StepExecutor
 from .interface import EngineDead
 from .runner import ModelRunner
+from .kv_blocks import BlockPool
 from .scheduler import Scheduler, SequenceState, StepPlan
 from .stopping import finish_reason
 from .streams import RequestStream, StreamRegistry
@@ -48,20 +49,22 @@ class _VisionDone:
 
 
 class Engine:
-    """Continuous batching over a fixed pool of KV-cache slots (implements `EngineClient`).
+    """Continuous batching over a paged KV cache (implements `EngineClient`).
 
-    Each step: admit waiting requests while slots are free, run one prefill chunk of the sequence
+    Each step: admit waiting requests while blocks are free, run one prefill chunk of the sequence
     being prefilled (so running streams stall at most one chunk) -- or several short prompts whose
     total fits in one chunk -- then one batched decode forward for every decoding sequence.
     """
 
-    def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk: int = 512,
-                 info: ModelInfo | None = None, on_stats: StatsObserver | None = None, vision_thread: bool = True,
-                 vision_nice: int = 0, fault_hook: FaultHook | None = None):
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int | None = None, prefill_chunk: int = 512,
+                 prefix_caching: bool = True, info: ModelInfo | None = None, on_stats: StatsObserver | None = None,
+                 vision_thread: bool = True, vision_nice: int = 0, fault_hook: FaultHook | None = None):
         self.runner = runner
         self.info = info if info is not None else ModelInfo.of(runner.lm)
-        self.scheduler = Scheduler(num_slots=max_batch_size)
-        self.executor = StepExecutor(runner, fault_hook)
+        pool = BlockPool(runner.num_blocks, runner.block_size, prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(max_batch_size=max_batch_size or runner.max_batch_size, pool=pool,
+                                   prefill_chunk=prefill_chunk)
+        self.executor = StepExecutor(runner, self.scheduler, fault_hook)
         self.prefill_chunk = prefill_chunk
         self.on_stats = on_stats
         # Where a step's events go: to each request's RequestStream on its event loop, or for
@@ -175,8 +178,11 @@ class Engine:
         sched = self.scheduler
         stats.running = sched.num_running
         stats.waiting = len(sched.waiting) + (self.vision.pending if self.vision else 0)
-        used = sum(s.length for s in sched.decoding) + sum(s.prefilled for s in sched.prefilling)
-        stats.kv_usage = used / (sched.num_slots * self.runner.max_model_len)
+        stats.kv_usage = sched.pool.num_used / sched.pool.capacity
+        stats.kv_cached_blocks = sched.pool.num_cached
+        stats.preemptions, sched.preempted = sched.preempted, 0
+        stats.prefix_queried_tokens, sched.prefix_queried = sched.prefix_queried, 0
+        stats.prefix_hit_tokens, sched.prefix_hits = sched.prefix_hits, 0
         stats.cuda_graphs = self.runner.graphs.num_graphs if self.runner.graphs else 0
         return stats
 
@@ -236,14 +242,15 @@ class Engine:
         return False
 
     def _fail_running(self, error: EngineError) -> None:
-        """Every admitted sequence fails; the slot table starts afresh (no cache moves: the
+        """Every admitted sequence fails (preempted ones too); the block pool starts afresh (the
         bookkeeping that failed cannot be trusted)."""
-        for seq in self.scheduler.decoding + self.scheduler.prefilling:
+        sched = self.scheduler
+        admitted = [s for s in sched.waiting if s.begun]
+        for seq in sched.decoding + sched.prefilling + admitted:
             self._emit(seq.request.request_id, Event.failed(error.kind, error.message))
             self._record_finish(seq, "error", status="error")
-        waiting = self.scheduler.waiting
-        self.scheduler = Scheduler(num_slots=self.scheduler.num_slots)
-        self.scheduler.waiting = waiting
+        sched.waiting = type(sched.waiting)(s for s in sched.waiting if not s.begun)
+        sched.reset()
         self._by_id.clear()
 
     def _handle(self, item) -> None:
@@ -272,8 +279,12 @@ class Engine:
             self._stats.vision_seconds.append(req.vision_seconds)
             self.scheduler.add(req)
         elif isinstance(item, _Abort):
-            if self.scheduler.drop_waiting(item.request_id) is not None:
-                self._stats.finished.append(FinishedRequest("aborted", "abort", 0, 0, None))
+            dropped = self.scheduler.drop_waiting(item.request_id)
+            if dropped is not None:  # not admitted yet, or preempted
+                self._by_id.pop(item.request_id, None)
+                dropped.embeds = None
+                self._stats.finished.append(FinishedRequest("aborted", "abort", dropped.prompt_len,
+                                                            len(dropped.output_ids), None))
                 return
             seq = self._by_id.get(item.request_id)
             if seq is not None:
@@ -303,10 +314,8 @@ class Engine:
 
     # -- applying a step's outcome ---------------------------------------------------------------
     def apply(self, plan: StepPlan, prefills: list[PrefillOutcome], decodes: list[DecodeOutcome]) -> None:
-        """Decoded tokens first, all of them before any slot is freed: freeing one moves the
-        batch's last sequence into it, and the move copies `length` positions, which must include
-        the entry this step just wrote for it. Then finished and failed sequences leave, then
-        prompts that completed join the batch with their first token."""
+        """Decoded tokens first, then finished and failed sequences leave (releasing their blocks),
+        then prompts that completed join the batch with their first token."""
         if decodes:
             self._stats.batch_sizes.append(len(decodes))
         finished, failed = [], []
@@ -337,13 +346,15 @@ class Engine:
             return
         if out.begun:
             self._record_images(seq, out.vision_seconds)
-        if out.first is None:  # more chunks to come
+        if not out.complete:  # more chunks to come
             return
-        seq.embeds = None
-        move = self.scheduler.finish_prefill(seq)
-        if move:
-            self.runner.move(move[0], move[1], seq.prompt_len)
-        token, info = out.first
+        self.scheduler.finish_prefill(seq)
+        if out.first is None:  # computed again after preemption: it has its tokens
+            return
+        self._fork_siblings(seq)
+        self._first_token(seq, *out.first)
+
+    def _first_token(self, seq: SequenceState, token: int, info) -> None:
         try:
             finish = self._append(seq, token, info, images=seq.state.images)
         except Exception:  # noqa: BLE001
@@ -353,6 +364,29 @@ class Engine:
         if finish:
             self._release(seq)
             self._record_finish(seq, finish)
+
+    def _fork_siblings(self, parent: SequenceState) -> None:
+        """The other choices of `parent`'s request that are waiting start decoding on its prompt's
+        blocks, each sampling its first token from the same last logits: the numbers they would
+        have computed themselves, without computing them again."""
+        siblings = self.scheduler.waiting_siblings(parent)
+        now = time.monotonic()
+        for child in siblings:
+            self._by_id[child.request.request_id] = child
+            child.scheduled_time = now
+            self._stats.queue_time.append(now - child.request.arrival)
+            try:
+                first = self.executor.fork(parent, child)
+            except Exception:  # noqa: BLE001 - this choice only
+                log.exception("forking %s failed", child.request.request_id)
+                self.scheduler.drop_waiting(child.request.request_id)
+                self._by_id.pop(child.request.request_id, None)
+                self._emit(child.request.request_id, Event.failed(ErrorKind.MODEL_ERROR, "model error during prefill"))
+                self._record_finish(child, "error", status="error")
+                continue
+            self.scheduler.fork(parent, child)
+            self._first_token(child, *first)
+        parent.prompt_logits = None
 
     def _append(self, seq: SequenceState, token: int, info, images=None) -> str | None:
         """Record a sampled token and emit its event; returns the finish reason, if any (the
@@ -384,10 +418,7 @@ class Engine:
 
     def _release(self, seq: SequenceState) -> None:
         self._by_id.pop(seq.request.request_id, None)
-        move = self.scheduler.remove(seq)
-        if move:
-            moved = self.scheduler.decoding[move[1]]
-            self.runner.move(move[0], move[1], moved.length)
+        self.scheduler.remove(seq)
         seq.embeds = None
 
     def _fail(self, seq: SequenceState, error: EngineError) -> None:

@@ -18,14 +18,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineConfig:
     model: Path  # checkpoint directory (resolved: see `resolve_model_dir`)
+    model_base: Path | None = None  # base model of a LoRA checkpoint
     device: str = "auto"
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on the CPU
     quantization: str = "none"
     attention: str = "auto"
     allow_download: bool = False
-    max_batch_size: int = 16
+    max_batch_size: int = 64
     max_model_len: int = 4096
     prefill_chunk: int = 512
+    kv_cache_mb: int = 0  # 0: sized by the runner (see runner.kv_cache_blocks)
+    kv_block_size: int = 16
+    prefix_caching: bool = True
     cuda_graphs: bool = True
     capture_all_graphs: bool = True
     compile: bool = True
@@ -62,14 +66,16 @@ def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None) ->
 
     from .runner import ModelRunner
 
-    lm = load_model(config.model, LoadOptions(device=config.device, dtype=config.dtype,
+    lm = load_model(config.model, LoadOptions(device=config.device, dtype=config.dtype, model_base=config.model_base,
                                               quantization=config.quantization,
                                               allow_download=config.allow_download, attention=config.attention))
-    runner = ModelRunner(lm, num_slots=config.max_batch_size, max_model_len=config.max_model_len,
+    runner = ModelRunner(lm, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
+                         kv_cache_bytes=config.kv_cache_mb << 20 if config.kv_cache_mb else None,
+                         block_size=config.kv_block_size,
                          vision_cache_bytes=config.vision_cache_mb * 1024 * 1024, cuda_graphs=config.cuda_graphs,
                          capture_all_graphs=config.capture_all_graphs, compile_pointwise=config.compile)
-    engine = Engine(runner, max_batch_size=runner.num_slots, prefill_chunk=config.prefill_chunk, on_stats=on_stats,
-                    vision_nice=config.vision_nice,
+    engine = Engine(runner, prefill_chunk=config.prefill_chunk, prefix_caching=config.prefix_caching,
+                    on_stats=on_stats, vision_nice=config.vision_nice,
                     fault_hook=_import_object(config.fault_hook) if config.fault_hook else None)
     runner.warm_up()
     log.info("model %s loaded in %.1fs", config.model, lm.stats["load_seconds"])

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from model.config import IMAGE_TOKEN_INDEX
 from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCache
 from model.loading import LoadedModel
@@ -22,27 +23,54 @@ from .vision_cache import CacheMiss, VisionCache
 log = logging.getLogger(__name__)
 
 
-def fit_slots(num_slots: int, max_model_len: int, cfg, dtype: torch.dtype, device: torch.device,
-              *, headroom: float = 0.8, reserve: int = 0) -> int:
-    """Slots that fit in the device's free memory (on CUDA), keeping room for activations and for
-    `reserve` slots beside them."""
-    if device.type != "cuda":
-        return num_slots
-    per_slot = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-                                       head_dim=cfg.dim_head, dtype=dtype) * max_model_len
-    free, _ = torch.cuda.mem_get_info(device)
-    fit = int(free * headroom // per_slot) - reserve
-    if fit < 1:
-        raise RuntimeError(f"not enough GPU memory for one sequence of {max_model_len} positions "
-                           f"({per_slot / 2**30:.1f} GiB); lower --max-model-len or quantize")
-    if fit < num_slots:
-        log.warning("KV cache: %d slots of %d positions fit in free GPU memory (asked for %d)", fit,
-                    max_model_len, num_slots)
-    return min(num_slots, fit)
+# On the CPU, where the pool is host memory beside the weights, the default holds this many
+# sequences of max_model_len (most requests are shorter: more run at once), at most 4 GiB
+# (vLLM's CPU backend defaults to 4 GiB as well); --kv-cache-mb sets it.
+CPU_KV_SEQUENCES = 16
+CPU_KV_CACHE_CAP = 4 << 30
+# On CUDA the pool takes this share of the memory left free after loading the weights; the rest
+# is for activations, the vision tower and CUDA graphs.
+CUDA_KV_SHARE = 0.8
+
+
+def kv_cache_blocks(kv_cache_bytes: int | None, *, block_size: int, bytes_per_token: int, max_model_len: int,
+                    device: torch.device) -> int:
+    """Blocks in the pool (the null block included): `kv_cache_bytes` if given; by default on
+    CUDA a share of the free memory, elsewhere CPU_KV_SEQUENCES sequences of `max_model_len`
+    positions, up to CPU_KV_CACHE_CAP."""
+    block_bytes = bytes_per_token * block_size
+    if kv_cache_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            kv_cache_bytes = int(free * CUDA_KV_SHARE)
+        else:
+            kv_cache_bytes = min(CPU_KV_SEQUENCES * -(-max_model_len // block_size) * block_bytes, CPU_KV_CACHE_CAP)
+    blocks = kv_cache_bytes // block_bytes
+    if blocks < -(-max_model_len // block_size):
+        raise RuntimeError(f"a KV cache of {kv_cache_bytes / 2**20:.0f} MiB holds {blocks * block_size} positions, "
+                           f"fewer than one sequence of --max-model-len {max_model_len} "
+                           f"({bytes_per_token} bytes a position): raise --kv-cache-mb or lower --max-model-len")
+    return blocks + 1
 
 
 class PromptTooLong(ValueError):
     """Known only once the images' kept tokens are: the request cannot run as asked."""
+
+
+def position_keys(input_ids: list[int], digests: list[str | None], reports: list[ImageReport],
+                  prompt_len: int) -> list | None:
+    """What each prompt position holds, for the prefix cache: the token id, or for an image row
+    (image digest, kept-token selection, row). An image without a digest leaves its rows
+    unidentified (None). None if the rows do not add up to the prompt (then nothing is shared)."""
+    keys: list = []
+    images = iter(zip(digests, reports))
+    for t in input_ids:
+        if t != IMAGE_TOKEN_INDEX:
+            keys.append(t)
+            continue
+        digest, report = next(images)
+        keys += [(digest, report.selection, j) if digest else None for j in range(report.rows)]
+    return keys if len(keys) == prompt_len else None
 
 
 class SeqState:
@@ -56,22 +84,26 @@ class SeqState:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, *, num_slots: int, max_model_len: int, vision_cache_bytes: int = 0,
-                 cuda_graphs: bool = True, capture_all_graphs: bool = False, compile_pointwise: bool = True):
+    def __init__(self, lm: LoadedModel, *, max_batch_size: int, max_model_len: int, kv_cache_bytes: int | None = None,
+                 block_size: int = 16, vision_cache_bytes: int = 0, cuda_graphs: bool = True,
+                 capture_all_graphs: bool = False, compile_pointwise: bool = True):
         self.lm = lm
         self.model = lm.model
         self.llm = lm.model.llm
         self.device = lm.device
         cfg = lm.cfg
         self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        per_token = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                                            head_dim=cfg.dim_head, dtype=lm.dtype)
+        num_blocks = kv_cache_blocks(kv_cache_bytes, block_size=block_size, bytes_per_token=per_token,
+                                     max_model_len=max_model_len, device=lm.device)
+        self.cache = self.llm.new_cache(num_blocks=num_blocks, block_size=block_size, dtype=lm.dtype, device=lm.device)
+        log.info("KV cache: %d blocks of %d positions (%.0f MiB, %d positions)", num_blocks - 1, block_size,
+                 self.cache.nbytes / 2**20, self.cache.max_len)
         # CUDA graphs for decode (not for bitsandbytes layers, whose kernels are not known to be capturable)
         graphs = cuda_graphs and lm.device.type == "cuda" and lm.quantization == "none"
-        scratch = 1 if graphs else 0  # DecodeGraphs' padding rows write to one extra slot
-        num_slots = fit_slots(num_slots, max_model_len, cfg, lm.dtype, lm.device, reserve=scratch)
-        self.num_slots = num_slots
-        self.cache = self.llm.new_cache(num_slots=num_slots + scratch, max_len=max_model_len, dtype=lm.dtype,
-                                        device=lm.device)
-        self.graphs = DecodeGraphs(self.llm, self.cache) if graphs else None
+        self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=max_batch_size, max_len=max_model_len) if graphs else None
         self.capture_all_graphs = capture_all_graphs
         if compile_pointwise and lm.device.type == "cuda":
             self.llm.compile_pointwise()  # compiled in warm_up
@@ -79,6 +111,14 @@ class ModelRunner:
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
         self.vocab = cfg.vocab_size
         self._grammars: GrammarCompiler | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cache.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
 
     def warm_up(self) -> None:
         """Prefill and decode once before serving: lazy initialisation, compiling the pointwise
@@ -97,17 +137,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
+        # Before serving no block is anyone's: block 1 is scratch here.
         emb = self.llm.embed(torch.tensor([0, 0, 0], device=self.device))
-        self.llm.prefill(emb[:2], self.cache, slot=0, start=0)
-        self.llm.prefill(emb[2:], self.cache, slot=0, start=2)  # a one-position chunk: its own shape
-        batches = sorted({1, min(2, self.num_slots)})  # batch 1 and dynamic batches compile apart
+        self.llm.prefill(emb[:2], self.cache, start=0, table=[1])
+        self.llm.prefill(emb[2:], self.cache, start=2, table=[1])  # a one-position chunk: its own shape
+        batches = sorted({1, min(2, self.max_batch_size)})  # batch 1 and dynamic batches compile apart
         for batch in batches:
             ids = torch.zeros(batch, dtype=torch.long, device=self.device)  # contiguous, as in serving
-            self.llm.decode(self.llm.embed(ids), [3] * batch, self.cache)
+            self.llm.decode(self.llm.embed(ids), [3] * batch, self.cache, [[1]] * batch)
         if self.graphs is not None:
             try:
                 for batch in batches:
-                    self.graphs([0] * batch, [3] * batch)
+                    self.graphs([0] * batch, [3] * batch, [[1]] * batch)
                 if self.capture_all_graphs:
                     t0 = time.perf_counter()
                     n = self.graphs.capture_all()
@@ -151,38 +192,69 @@ class ModelRunner:
         req.features = None
         seq.embeds = embeds
         seq.prompt_len = embeds.shape[0]
-        if seq.prompt_len + req.params.max_tokens > self.max_model_len:
+        seq.position_keys = position_keys(req.input_ids, [img.digest for img in req.images], reports, seq.prompt_len)
+        limit = min(self.max_model_len, self.cache.max_len)
+        if seq.prompt_len + req.params.max_tokens > limit:
+            where = "the context" if limit == self.max_model_len else "the KV cache (--kv-cache-mb)"
             raise PromptTooLong(f"the prompt needs {seq.prompt_len} positions (image rows included) and "
                                 f"{req.params.max_tokens} were asked for the completion: more than the "
-                                f"{self.max_model_len} of the context")
+                                f"{limit} of {where}")
+        seq.state = self._new_state(req, reports)
+
+    def _new_state(self, req, reports: list[ImageReport]) -> SeqState:
+        """Sampling, detokenizing and grammar state for a request starting its output."""
         matcher = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
-        seq.state = SeqState(SequenceSampler(req.params, req.input_ids, self.device),
-                             IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
-                                                    [t for t in req.input_ids[-4:] if t >= 0]), matcher)
-        seq.state.images = reports
+        state = SeqState(SequenceSampler(req.params, req.input_ids, self.device),
+                         IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
+                                                [t for t in req.input_ids[-4:] if t >= 0]), matcher)
+        state.images = reports
+        return state
 
     @torch.inference_mode()
-    def prefill_chunk(self, seq: SequenceState, chunk: int) -> tuple[int, TokenLogprob | None] | None:
-        """Run up to `chunk` prompt positions; after the last one, sample the first token."""
-        start = seq.prefilled
-        end = min(seq.prompt_len, start + chunk)
-        hidden = self.llm.prefill(seq.embeds[start:end], self.cache, slot=seq.slot, start=start)
-        seq.prefilled = end
-        if end < seq.prompt_len:
+    def prefill_chunk(self, seq: SequenceState, end: int) -> tuple[int, TokenLogprob | None] | None:
+        """Run the prompt positions up to `end` (their blocks are the sequence's); after the last
+        one, sample the first token (unless the sequence has tokens already: preempted, it
+        computes its prompt again)."""
+        start = seq.computed
+        hidden = self.llm.prefill(seq.embeds[start:end], self.cache, start=start, table=seq.blocks)
+        seq.computed = end
+        if end < seq.prompt_len or seq.output_ids:
             return None
-        seq.embeds = None
-        tokens, infos = self.sample(self.llm.logits(hidden.unsqueeze(0)), [seq])
+        logits = self.llm.logits(hidden.unsqueeze(0))  # [1, V]
+        if seq.request.group is not None:  # other choices may start from these logits (see fork)
+            seq.prompt_logits = logits.clone()
+        tokens, infos = self.sample(logits, [seq])
         return tokens[0], infos[0]
+
+    @torch.inference_mode()
+    def fork(self, parent: SequenceState, child: SequenceState) -> tuple[int, TokenLogprob | None]:
+        """Another choice of `parent`'s request (same prompt, its own sampling): its state, and its
+        first token sampled from the parent's last prompt logits."""
+        req = child.request
+        child.embeds, child.prompt_len = parent.embeds, parent.prompt_len
+        req.features = None
+        child.state = self._new_state(req, parent.state.images)
+        tokens, infos = self.sample(parent.prompt_logits, [child])
+        return tokens[0], infos[0]
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy on write: the K/V of block src into block dst, for each pair."""
+        if copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            self.cache.copy_blocks(src, dst)
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, seqs: list[SequenceState]) -> torch.Tensor:
-        """One batched forward (sequence i sits in slot i and feeds its last token) -> logits `[B, V]`."""
-        last = [s.output_ids[-1] for s in seqs]
-        positions = [s.prompt_len + len(s.output_ids) - 1 for s in seqs]
+        """One batched forward: each sequence feeds the token at its next uncomputed position (its
+        last token; an earlier one while it replays after preemption) -> logits `[B, V]`."""
+        positions = [s.computed for s in seqs]
+        ids = [s.token_at(p) for s, p in zip(seqs, positions)]
+        tables = [s.blocks for s in seqs]
         if self.graphs is not None:
-            return self.graphs(last, positions)  # [B, V]
-        hidden = self.llm.decode(self.llm.embed(torch.tensor(last, device=self.device)), positions, self.cache)
+            return self.graphs(ids, positions, tables)  # [B, V]
+        hidden = self.llm.decode(self.llm.embed(torch.tensor(ids, device=self.device)), positions, self.cache, tables)
         return self.llm.logits(hidden)
 
     @torch.inference_mode()
@@ -225,9 +297,6 @@ class ModelRunner:
         for s, state in zip(seqs, states):
             if state is not None:
                 s.state.sampler.generator.set_state(state)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.cache.move_slot(src, dst, length)
 
     def is_stop_token(self, seq: SequenceState, token: int) -> bool:
         return not seq.request.params.ignore_eos and token in self.eos

@@ -24,6 +24,9 @@ class EngineRequest:
     params: SamplingParams
     max_prompt_tokens: int  # upper bound (image rows before selection), checked at admission
     slime_selection: bool = False  # report each image's kept-token mask (playground extension)
+    # The choices of one n>1 request share a group: the first to complete its prompt lends its KV
+    # blocks and its last logits to the others waiting (copy on write), which compute no prompt.
+    group: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     features: list[Any] | None = None  # model.modeling.ImageFeatures, set by the vision stage
     vision_seconds: float = 0.0
@@ -103,7 +106,11 @@ class EngineStats:
 
     running: int = 0
     waiting: int = 0
-    kv_usage: float = 0.0
+    kv_usage: float = 0.0  # share of the KV cache's blocks in use
+    kv_cached_blocks: int = 0  # blocks a later prompt can reuse (prefix cache)
+    preemptions: int = 0  # sequences preempted this step (blocks ran out)
+    prefix_queried_tokens: int = 0  # prompt positions looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which found there (not computed again)
     cuda_graphs: int = 0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)

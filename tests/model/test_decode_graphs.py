@@ -1,5 +1,5 @@
 """The static (graph-capturable) decode step against the eager one, on the CPU: padding rows,
-the scratch slot and key-span buckets. Capture and replay themselves run in tests/model/test_gpu.py."""
+the null block and key-span buckets. Capture and replay themselves run in tests/model/test_gpu.py."""
 
 import pytest
 import torch
@@ -24,45 +24,51 @@ def _prefilled(llm, hidden, lengths, num_slots, max_len):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 5])
-def test_static_decode_matches_eager_and_spares_other_slots(tiny_lm, batch):
+def test_static_decode_matches_eager_and_spares_other_blocks(tiny_lm, batch):
     llm, cfg = tiny_lm.model.llm, tiny_lm.cfg
     lengths = [40 + 67 * i for i in range(batch)]  # spans 1, 2 and 3 blocks of 128 keys
-    slots = 8 + 1  # 8 usable (batch 3 pads to 4, batch 5 to 8) and the scratch slot
+    slots = 8  # batch 3 pads to 4, batch 5 to 8
     cache_a = _prefilled(llm, cfg.hidden_size, lengths, slots, 320)
     cache_b = _prefilled(llm, cfg.hidden_size, lengths, slots, 320)
-    bystander = cache_a.k[:, batch:8].clone()  # slots past the batch: padding rows must not write there
-    graphs = DecodeGraphs(llm, cache_b, span_block=128)
-    assert not graphs.use_graphs and graphs.max_batch == 8 and graphs.scratch == 8
+    tables = [cache_b.slot_table(i) for i in range(batch)]
+    mine = [0] + [blk for t in tables for blk in t]  # the null block and the batch's blocks
+    others = [blk for blk in range(cache_b.num_blocks) if blk not in mine]
+    bystander = cache_b.k[:, :, others].clone()  # padding rows must not write there
+    graphs = DecodeGraphs(llm, cache_b, max_batch=8, max_len=320, span_block=128)
+    assert not graphs.use_graphs and graphs.max_batch == 8
     ids, positions = list(range(5, 5 + batch)), list(lengths)
     for _ in range(3):  # greedy steps: both paths pick the same tokens from the same logits
         eager = llm.logits(llm.decode(llm.embed(torch.tensor(ids)), positions, cache_a))
-        static = graphs(ids, positions)
+        static = graphs(ids, positions, tables)
         assert static.shape == (batch, cfg.vocab_size)
         assert torch.allclose(static, eager, atol=1e-4), (static - eager).abs().max()
         ids = eager.argmax(-1).tolist()
         positions = [p + 1 for p in positions]
-    assert torch.equal(cache_b.k[:, batch:8], bystander)
-    real = (slice(None), slice(0, batch))
-    assert torch.allclose(cache_b.k[real], cache_a.k[real], atol=1e-5)
-    assert torch.allclose(cache_b.v[real], cache_a.v[real], atol=1e-5)
+    assert torch.equal(cache_b.k[:, :, others], bystander)
+    real = [blk for t in tables for blk in t]
+    assert torch.allclose(cache_b.k[:, :, real], cache_a.k[:, :, real], atol=1e-5)
+    assert torch.allclose(cache_b.v[:, :, real], cache_a.v[:, :, real], atol=1e-5)
 
 
 def test_span_is_bucketed_and_bounded(tiny_lm):
     llm = tiny_lm.model.llm
     cache = llm.new_cache(num_slots=3, max_len=300, dtype=torch.float32, device="cpu")
-    graphs = DecodeGraphs(llm, cache, span_block=128)
+    graphs = DecodeGraphs(llm, cache, max_batch=2, max_len=300, span_block=128)
+    assert graphs.max_len == 304  # whole blocks of 16
     assert graphs.span([0]) == 128 and graphs.span([127]) == 128 and graphs.span([128, 3]) == 256
-    assert graphs.span([299]) == 300  # never past the cache
+    assert graphs.span([299]) == 304  # never past the longest sequence
     with pytest.raises(ValueError):
-        graphs([1, 2, 3], [4, 5, 6])  # 2 usable slots
+        graphs([1, 2, 3], [4, 5, 6], [[1], [2], [3]])  # a batch of 2 at most
+    with pytest.raises(ValueError):
+        graphs([1], [304], [[1]])
 
 
 def test_shapes_cover_every_batch_and_position(tiny_lm):
     llm = tiny_lm.model.llm
     cache = llm.new_cache(num_slots=12, max_len=300, dtype=torch.float32, device="cpu")
-    graphs = DecodeGraphs(llm, cache, span_block=64)
+    graphs = DecodeGraphs(llm, cache, max_batch=11, max_len=300, span_block=64)
     shapes = set(graphs.shapes())
-    assert len(shapes) == len(graphs.buckets) * 5  # spans 64, 128, 192, 256, 300
+    assert len(shapes) == len(graphs.buckets) * 5  # spans 64, 128, 192, 256, 304
     for b in range(1, 12):
         for p in range(300):
             assert (graphs.bucket(b), graphs.span([p] * b)) in shapes

@@ -187,7 +187,6 @@ def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, monkeypatc
         expect = ref(inputs_embeds=embeds).logits[0]
         llm = tiny_lm.model.llm
         cache = llm.new_cache(num_slots=3, max_len=64, dtype=torch.float32, device="cpu")
-        assert cache.keys_transposed == invariant  # the layout each decode kernel wants
         last = llm.prefill(embeds[0, :30], cache, slot=0, start=0)
         assert torch.allclose(llm.logits(last), expect[29], atol=1e-4)
         # chunked prefill continues from the cache
@@ -223,20 +222,44 @@ def test_decode_is_batch_invariant_on_cpu(tiny_lm, intra_op_threads):
     assert torch.equal(run(list(range(5, 10)))[2], together[7])  # 5 rows: padded to 8
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_kv_cache_layouts_index_alike_and_move_slots(transposed):
-    from model.kv_cache import KVCache
+def test_paged_cache_writes_and_gathers_through_block_tables():
+    from model.kv_cache import NULL_BLOCK, KVCache
 
-    cache = KVCache(num_layers=2, num_slots=3, num_kv_heads=2, max_len=10, head_dim=4, dtype=torch.float32,
-                    device="cpu", keys_transposed=transposed)
-    assert cache.k.shape == cache.v.shape == (2, 3, 2, 10, 4)
-    keys = torch.randn(2, 2, 7, 4)
-    cache.k[:, 2, :, :7] = keys
-    cache.move_slot(2, 0, 7)
-    assert torch.equal(cache.k[:, 0, :, :7], keys)
-    assert cache.k[:, 0, :, 7:].abs().sum() == 0
-    if transposed:  # K^T rows contiguous: what the CPU decode kernel reads
-        assert cache.k[0, 0].transpose(-1, -2).is_contiguous()
+    cache = KVCache(num_layers=2, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=3, dtype=torch.float32,
+                    device="cpu")
+    assert cache.k.shape == cache.v.shape == (2, 2, 6, 4, 3) and cache.max_len == 20
+    table = [5, 2, 3]  # any blocks, in any order
+    tables = cache.tables([table], 12)
+    keys = torch.randn(2, 10, 3)  # [Hkv, positions 0..9, hd]
+    blocks, offsets = cache.where(tables[0], torch.arange(10))
+    assert blocks.tolist() == [5] * 4 + [2] * 4 + [3] * 2 and offsets.tolist() == [0, 1, 2, 3] * 2 + [0, 1]
+    cache.write(1, blocks, offsets, keys, -keys)
+    k, v = cache.gather(1, cache.tables([table, [3]], 12))  # [Hkv, B, span, hd], padded with the null block
+    assert k.shape == (2, 2, 12, 3)
+    assert torch.equal(k[:, 0, :10], keys) and torch.equal(v[:, 0, :10], -keys)
+    assert torch.equal(k[:, 1, :2], keys[:, 8:10])  # block 3 seen through another table
+    assert cache.k[0].abs().sum() == 0 and cache.k[1][:, NULL_BLOCK].abs().sum() == 0
+    with pytest.raises(IndexError):
+        cache.slot_table(0)  # not a slot cache
+    slots = KVCache.for_slots(num_slots=2, max_len=10, block_size=4, num_layers=1, num_kv_heads=1, head_dim=2,
+                              dtype=torch.float32, device="cpu")
+    assert slots.slot_table(0) == [1, 2, 3] and slots.slot_table(1) == [4, 5, 6]
+
+
+def test_decode_reads_any_block_order_alike(tiny_lm):
+    """The same sequence in scattered blocks decodes to the same bits as in a contiguous slot."""
+    llm = tiny_lm.model.llm
+    torch.manual_seed(0)
+    embeds = torch.randn(101, tiny_lm.cfg.hidden_size)
+    a = llm.new_cache(num_slots=1, max_len=128, dtype=torch.float32, device="cpu")
+    b = llm.new_cache(num_blocks=40, dtype=torch.float32, device="cpu")
+    scattered = [31, 4, 17, 9, 22, 38, 2]
+    outs = []
+    for cache, table in ((a, a.slot_table(0)), (b, scattered)):
+        llm.prefill(embeds[:60], cache, start=0, table=table)
+        llm.prefill(embeds[60:100], cache, start=60, table=table)  # a later chunk reads the cache
+        outs.append(llm.logits(llm.decode(embeds[100:], [100], cache, [table])))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}-threads")

@@ -28,7 +28,7 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list
 
 def test_short_prompts_share_one_prefill_step_and_decode_as_alone(tiny_lm):
     prompts = [[1] + [(11 * i + j) % 200 + 5 for j in range(20)] for i in range(8)]
-    engine = Engine(ModelRunner(tiny_lm, num_slots=8, max_model_len=128), max_batch_size=8, prefill_chunk=512)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=8, max_model_len=128), max_batch_size=8, prefill_chunk=512)
     engine.start()
     try:
         together = _run(engine, prompts, 3)
@@ -44,7 +44,7 @@ def test_short_prompts_share_one_prefill_step_and_decode_as_alone(tiny_lm):
 def test_long_prompt_is_chunked_and_others_wait_their_turn(tiny_lm):
     long = [1] + [(7 * j) % 200 + 5 for j in range(99)]  # 100 positions: 4 chunks of 32
     short = [1] + [(5 * j) % 200 + 5 for j in range(9)]
-    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=256), max_batch_size=4, prefill_chunk=32)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256), max_batch_size=4, prefill_chunk=32)
     engine.start()
     try:
         both = _run(engine, [long, short], 4)
@@ -62,7 +62,7 @@ def test_warm_up_falls_back_to_eager_kernels_when_compiling_fails(tiny_lm, monke
     def broken(*args):
         raise RuntimeError("compiler not found")  # what a torch.compile failure looks like at the first call
 
-    runner = ModelRunner(tiny_lm, num_slots=2, max_model_len=64)
+    runner = ModelRunner(tiny_lm, max_batch_size=2, max_model_len=64)
     monkeypatch.setattr(runner.llm, "kernels", PointwiseKernels(add_rms_norm=broken, compiled=True))
     runner.warm_up()
     assert not runner.llm.kernels.compiled and runner.llm.kernels.add_rms_norm is not broken
@@ -74,7 +74,7 @@ def test_warm_up_compiles_every_shape_serving_uses(tiny_lm, c_compiler):
     batch once left a compile for the first batched step)."""
     from torch._dynamo.utils import counters
 
-    runner = ModelRunner(tiny_lm, num_slots=4, max_model_len=128)
+    runner = ModelRunner(tiny_lm, max_batch_size=4, max_model_len=128)
     runner.llm.compile_pointwise()
     try:
         runner.warm_up()
@@ -93,7 +93,7 @@ def test_warm_up_compiles_every_shape_serving_uses(tiny_lm, c_compiler):
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX priorities")
 def test_the_vision_thread_runs_at_the_niceness_asked_and_the_engine_thread_does_not(tiny_lm):
-    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=128), max_batch_size=2, vision_nice=7)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=128), max_batch_size=2, vision_nice=7)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     engine.start()
     try:
@@ -110,7 +110,7 @@ def test_the_vision_thread_runs_at_the_niceness_asked_and_the_engine_thread_does
 def _decode(tiny_lm, batch, delays=None, prefill_chunk=512) -> list[list[tuple[int, float]]]:
     """Run [(prompt ids, SamplingParams)] through a 4-slot engine, request i submitted after
     delays[i] seconds; -> each request's [(token, logprob)]."""
-    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=128), max_batch_size=4,
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=128), max_batch_size=4,
                     prefill_chunk=prefill_chunk)
     engine.start()
     try:
@@ -158,7 +158,7 @@ def test_every_request_decodes_as_alone_under_churn(tiny_lm):
             for i in range(10)]
 
     def run(batch, delays):
-        return _decode(tiny_lm, batch, delays, prefill_chunk=24)
+        return _decode(tiny_lm, batch, delays, prefill_chunk=32)
 
     alone = [run([r], [0])[0] for r in reqs]
     for _ in range(2):
@@ -183,7 +183,7 @@ def _blocking_hook(stage_to_block: str):
 def _idle(engine: Engine) -> bool:
     s = engine.scheduler
     return (engine.num_requests == 0 and engine.vision.pending == 0 and s.num_running == 0 and not s.waiting
-            and s.num_free_slots == s.num_slots and not engine._by_id)
+            and s.pool.num_used == 0 and not engine._by_id)
 
 
 def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(tiny_lm, ironing):
@@ -191,7 +191,7 @@ def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(t
 
     image = prepare_image(ironing.resize((400, 300)), tiny_lm.cfg, "d1", norm=tiny_lm.image_norm)
     ids = [1, 5, -200, 6, 7]
-    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=2048), max_batch_size=2)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=2048), max_batch_size=2)
     hook, entered, release = _blocking_hook("vision")
     engine.fault_hook = hook
     engine.start()
@@ -220,7 +220,7 @@ def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(t
 
 def test_an_abort_during_a_chunked_prefill_frees_the_slot_mid_prompt(tiny_lm):
     prompt = [1] + [(7 * j) % 200 + 5 for j in range(199)]  # 200 positions: 13 chunks of 16
-    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=512), max_batch_size=2, prefill_chunk=16)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=512), max_batch_size=2, prefill_chunk=16)
     chunks = []
     run_chunk = engine.runner.prefill_chunk
     engine.runner.prefill_chunk = lambda seq, n: chunks.append(seq.request.request_id) or run_chunk(seq, n)
@@ -267,7 +267,7 @@ def _long(i: int) -> EngineRequest:
 
 
 def test_a_model_that_fails_every_step_stops_the_engine_instead_of_blaming_one_request_a_step(tiny_lm):
-    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=256), max_batch_size=4)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256), max_batch_size=4)
 
     def dead_device(stage, requests):
         if stage == "decode":
@@ -287,18 +287,18 @@ def test_a_model_that_fails_every_step_stops_the_engine_instead_of_blaming_one_r
 
 
 def test_when_the_engine_loop_itself_dies_every_stream_ends_instead_of_hanging(tiny_lm, monkeypatch):
-    engine = Engine(ModelRunner(tiny_lm, num_slots=4, max_model_len=256), max_batch_size=4)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256), max_batch_size=4)
     engine.start()
 
-    def broken_move(*args):
-        raise RuntimeError("device lost")
+    def broken_remove(*args):
+        raise RuntimeError("bookkeeping lost")
 
     async def main():
         streams = [engine.submit(_long(i)) for i in range(3)]
         firsts = [await s.__anext__() for s in streams]  # all three decoding
         assert all(ev.finish_reason is None for ev in firsts)
-        monkeypatch.setattr(engine.runner, "move", broken_move)
-        await streams[0].aclose()  # its release moves the last sequence's rows: raises on the engine thread
+        monkeypatch.setattr(engine.scheduler, "remove", broken_remove)
+        await streams[0].aclose()  # its release raises on the engine thread, outside any step
 
         async def rest(stream):
             return [ev async for ev in stream]
@@ -318,7 +318,7 @@ def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing)
     from model.processor import prepare_image
 
     image = prepare_image(ironing.resize((400, 300)), tiny_lm.cfg, "digest-n3", norm=tiny_lm.image_norm)
-    runner = ModelRunner(tiny_lm, num_slots=4, max_model_len=2048, vision_cache_bytes=64 << 20)
+    runner = ModelRunner(tiny_lm, max_batch_size=4, max_model_len=2048, vision_cache_bytes=64 << 20)
     calls = []
     encode_images = runner.model.encode_images
     runner.model.encode_images = lambda *a: calls.append(1) or encode_images(*a)
@@ -334,7 +334,7 @@ def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing)
 
 
 def test_a_stop_check_that_fails_for_one_sequence_fails_only_that_one(tiny_lm):
-    runner = ModelRunner(tiny_lm, num_slots=4, max_model_len=256)
+    runner = ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256)
     begin = runner.begin
 
     def begin_with_a_broken_detokenizer(seq):
@@ -369,7 +369,7 @@ def test_stopping_skips_queued_vision_work_and_ends_every_stream(tiny_lm, ironin
     from model.processor import prepare_image
 
     image = prepare_image(ironing.resize((300, 200)), tiny_lm.cfg, None, norm=tiny_lm.image_norm)
-    engine = Engine(ModelRunner(tiny_lm, num_slots=2, max_model_len=2048), max_batch_size=2)
+    engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=2048), max_batch_size=2)
 
     def slow_vision(stage, requests):
         if stage == "vision":

@@ -44,7 +44,7 @@ def _collect(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -
 
 
 def _engine(lm) -> Engine:
-    engine = Engine(ModelRunner(lm, num_slots=4, max_model_len=256), max_batch_size=4)
+    engine = Engine(ModelRunner(lm, max_batch_size=4, max_model_len=256), max_batch_size=4)
     engine.start()
     return engine
 

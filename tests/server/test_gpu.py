@@ -116,3 +116,31 @@ def test_structured_outputs_hold_on_cuda_with_graphs(tiny_dir):
             jsonschema.validate(json.loads(c.message.content), schema)
     finally:
         srv.stop()
+
+
+def test_the_paged_cache_preempts_shares_and_reuses_on_cuda_with_graphs(tiny_dir):
+    """1 MiB of KV on CUDA (2,048 positions of the tiny model): 12 long streams and an n=3 request
+    all complete through preemption, forks (copy on write) and prefix reuse, with CUDA graphs
+    reading the block tables."""
+    import openai
+
+    srv = LiveServer(Settings(model=str(tiny_dir), device="cuda", dtype="float32", max_batch_size=16, kv_cache_mb=1,
+                              max_model_len=1024)).start()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        system = " ".join(f"rule {k} says nothing" for k in range(60))  # ~700 positions: a chunk is reused
+
+        def ask(i: int):
+            return client.chat.completions.create(
+                model=tiny_dir.name, max_tokens=200, temperature=0, extra_body={"ignore_eos": True},
+                n=3 if i == 0 else 1,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Story {i}."}])
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(ask, range(12)))
+        assert all(c.finish_reason == "length" for r in results for c in r.choices)
+        assert srv.metric("slime_num_preemptions_total") > 0
+        assert srv.metric("slime_prefix_cache_hit_tokens_total") > 0
+        assert srv.metric("slime_decode_cuda_graphs") > 0
+    finally:
+        srv.stop()
