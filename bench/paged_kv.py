@@ -60,7 +60,10 @@ async def _image_load(url: str, model: str, images: list[str], n: int, max_token
             if r.status_code != 200:
                 raise RuntimeError(f"{url} answered {r.status_code}: {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
-                if line.startswith("data: {") and '"content"' in line:
+                if not line.startswith("data: {"):
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):  # not the role chunk's empty content
                     tokens += 1
                     first = first or time.perf_counter() - t0
         return first or 0.0, tokens
