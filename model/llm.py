@@ -73,9 +73,42 @@ def linear(layer: nn.Module, x: torch.Tensor, per_row: bool = False) -> torch.Te
     to 4 threads): a sequence decodes to the same bits alone or among 15 others, and the batch
     still runs as one matrix product.
     """
+    packed = getattr(layer, "packed", None)
+    if packed is not None:
+        return packed_linear(x, packed, layer.bias)
     if not per_row or type(layer) is not nn.Linear:
         return layer(x)
     return gemm_rows(x, layer.weight, layer.bias)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None,
+            per_row: bool) -> torch.Tensor:
+    """A fused projection (see `fuse_linears`): through its packed weight when there is one."""
+    if packed is not None:
+        return packed_linear(x, packed, bias)
+    return (gemm_rows if per_row else F.linear)(x, weight, bias)
+
+
+# oneDNN packs a weight for the row counts it expects; decode batches are small
+PACK_BATCH_HINT = 16
+
+
+def can_pack() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` `[out, in]` (CPU, float32) in oneDNN's blocked layout for `packed_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` through oneDNN with a packed weight (CPU float32): ~2x faster than MKL's sgemm
+    for decode's few rows on this project's CPU, and row-invariant like the padded GEMM (each
+    row's result does not depend on how many rows there are; tested with 1-4 threads)."""
+    shape = x.shape
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
+    return out.reshape(*shape[:-1], -1)
 
 
 def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -160,6 +193,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
         self.fused = False  # see `fuse`
+        self.qkv_packed: torch.Tensor | None = None  # see `LlamaForCausalLM.pack_weights`
 
     def fuse(self) -> None:
         """q, k and v projections as one GEMM (and one RoPE)."""
@@ -170,7 +204,7 @@ class Attention(nn.Module):
         pr = step.per_row
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.fused:
-            qkv = (gemm_rows if pr else F.linear)(x, self.qkv_weight, self.qkv_bias)
+            qkv = project(x, self.qkv_weight, self.qkv_bias, self.qkv_packed, pr)
             qkv = qkv.view(b, t, h + 2 * hkv, hd).transpose(1, 2)
             qk = qkv[:, :h + hkv]  # RoPE on q and k heads at once: the same elementwise ops
             qk = rope(qk)
@@ -214,6 +248,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=b)
         self.down_proj = nn.Linear(i, d, bias=b)
         self.fused = False
+        self.gate_up_packed: torch.Tensor | None = None
 
     def fuse(self) -> None:
         """gate and up projections as one GEMM."""
@@ -221,7 +256,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, per_row: bool = False, act: Callable = silu_mul) -> torch.Tensor:
         if self.fused:
-            gate, up = (gemm_rows if per_row else F.linear)(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            gate, up = project(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed, per_row).chunk(2, dim=-1)
         else:
             gate, up = linear(self.gate_proj, x, per_row), linear(self.up_proj, x, per_row)
         return linear(self.down_proj, act(gate, up), per_row)
@@ -297,6 +332,29 @@ class LlamaForCausalLM(nn.Module):
         self.batch_invariant = True
         self.fuse_projections()
 
+    def pack_weights(self) -> bool:
+        """CPU float32: every LLM projection and the LM head through oneDNN with packed weights
+        (`packed_linear`). The packed copies sit beside the weights (which stay the model's
+        parameters): the LLM's linear weights take twice the memory. False where oneDNN is missing."""
+        if not can_pack() or self.lm_head.weight.device.type != "cpu" or self.lm_head.weight.dtype != torch.float32:
+            return False
+        linears = [self.lm_head]
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.fused:
+                attn.qkv_packed = pack_weight(attn.qkv_weight)
+            else:
+                linears += [attn.q_proj, attn.k_proj, attn.v_proj]
+            if mlp.fused:
+                mlp.gate_up_packed = pack_weight(mlp.gate_up_weight)
+            else:
+                linears += [mlp.gate_proj, mlp.up_proj]
+            linears += [attn.o_proj, mlp.down_proj]
+        for lin in linears:
+            if type(lin) is nn.Linear:
+                lin.packed = pack_weight(lin.weight)
+        return True
+
     def new_cache(self, *, num_slots: int | None = None, max_len: int | None = None, num_blocks: int | None = None,
                   block_size: int = 16, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
@@ -335,9 +393,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[B, D]` (or `[D]`) -> float32 logits `[B, V]`."""
-        if self.batch_invariant and hidden.dim() == 2:
-            return linear(self.lm_head, hidden, True).float()
-        return self.lm_head(hidden).float()
+        return linear(self.lm_head, hidden, self.batch_invariant and hidden.dim() == 2).float()
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, cache: KVCache, *, start: int, slot: int | None = None,

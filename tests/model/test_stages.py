@@ -283,6 +283,28 @@ def test_padded_linear_rows_do_not_depend_on_the_batch(intra_op_threads):
             assert torch.equal(linear(layer, x[:n], per_row=True), full[:n]), (d_in, d_out, n)
 
 
+def test_packed_linear_rows_do_not_depend_on_the_batch_and_match_f_linear(intra_op_threads):
+    from model.llm import pack_weight, packed_linear
+
+    torch.manual_seed(2)
+    for d_in, d_out in [(64, 176), (176, 64), (64, 1200), (512, 3072), (1536, 512)]:
+        weight = torch.randn(d_out, d_in)
+        packed = pack_weight(weight)
+        x = torch.randn(70, 1, d_in)
+        full = packed_linear(x, packed, None)
+        assert torch.allclose(full, torch.nn.functional.linear(x, weight), atol=1e-4)
+        for n in (1, 2, 3, 4, 5, 7, 9, 16, 17, 33, 64):
+            assert torch.equal(packed_linear(x[:n], packed, None), full[:n]), (d_in, d_out, n)
+
+
+def test_cpu_float32_projections_and_lm_head_run_packed(tiny_lm):
+    llm = tiny_lm.model.llm
+    for layer in llm.model.layers:
+        assert layer.self_attn.qkv_packed is not None and layer.mlp.gate_up_packed is not None
+        assert layer.self_attn.o_proj.packed is not None and layer.mlp.down_proj.packed is not None
+    assert llm.lm_head.packed is not None
+
+
 def test_fused_decode_projections_share_weights_and_match(tiny_lm):
     llm = tiny_lm.model.llm
     attn, mlp = llm.model.layers[0].self_attn, llm.model.layers[0].mlp
