@@ -116,7 +116,7 @@ class Engine:
     # -- the EngineClient interface (any thread) -------------------------------------------------
     def submit(self, request: EngineRequest) -> RequestStream:
         """Hand a request to the engine now; iterate the returned stream for its events. Closing
-        the stream early (client gone) aborts the request and frees its slot at the next step."""
+        the stream early (client gone) aborts the request and frees its blocks at the next step."""
         if not self._alive:
             raise EngineDead("the engine is not running")
         stream = self._streams.open(request.request_id)
@@ -390,7 +390,7 @@ class Engine:
 
     def _append(self, seq: SequenceState, token: int, info, images=None) -> str | None:
         """Record a sampled token and emit its event; returns the finish reason, if any (the
-        caller frees the slot)."""
+        caller frees its blocks)."""
         now = time.monotonic()
         req = seq.request
         seq.output_ids.append(token)
