@@ -63,7 +63,7 @@ class Engine:
         self.info = info if info is not None else ModelInfo.of(runner.lm)
         pool = BlockPool(runner.num_blocks, runner.block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(max_batch_size=max_batch_size or runner.max_batch_size, pool=pool,
-                                   prefill_chunk=prefill_chunk)
+                                   prefill_chunk=prefill_chunk, key_generated=runner.llm.batch_invariant)
         self.executor = StepExecutor(runner, self.scheduler, fault_hook)
         self.prefill_chunk = prefill_chunk
         self.on_stats = on_stats

@@ -101,6 +101,7 @@ class StepExecutor:
                     out.vision_seconds = time.perf_counter() - t0
                 self.runner.begin(seq)
                 self.blocks.match_prefix(seq)
+                before = seq.computed  # reused positions cost the step nothing
             end = min(seq.prompt_len, seq.computed + budget)
             if not self.blocks.reserve(seq, end):
                 return out  # no blocks free for this chunk: the sequence waits a step

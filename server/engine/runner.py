@@ -34,17 +34,19 @@ CUDA_KV_SHARE = 0.8
 
 
 def kv_cache_blocks(kv_cache_bytes: int | None, *, block_size: int, bytes_per_token: int, max_model_len: int,
-                    device: torch.device) -> int:
+                    device: torch.device, decode_scratch: int = 0) -> int:
     """Blocks in the pool (the null block included): `kv_cache_bytes` if given; by default on
-    CUDA a share of the free memory, elsewhere CPU_KV_SEQUENCES sequences of `max_model_len`
-    positions, up to CPU_KV_CACHE_CAP."""
+    CUDA a share of the free memory once `decode_scratch` bytes are set aside (what a decode step
+    gathers at most), elsewhere CPU_KV_SEQUENCES sequences of `max_model_len` positions, up to
+    CPU_KV_CACHE_CAP but never less than one sequence."""
     block_bytes = bytes_per_token * block_size
+    one_sequence = -(-max_model_len // block_size) * block_bytes
     if kv_cache_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            kv_cache_bytes = int(free * CUDA_KV_SHARE)
+            kv_cache_bytes = int(max(0, free - decode_scratch) * CUDA_KV_SHARE)
         else:
-            kv_cache_bytes = min(CPU_KV_SEQUENCES * -(-max_model_len // block_size) * block_bytes, CPU_KV_CACHE_CAP)
+            kv_cache_bytes = max(min(CPU_KV_SEQUENCES * one_sequence, CPU_KV_CACHE_CAP), one_sequence)
     blocks = kv_cache_bytes // block_bytes
     if blocks < -(-max_model_len // block_size):
         raise RuntimeError(f"a KV cache of {kv_cache_bytes / 2**20:.0f} MiB holds {blocks * block_size} positions, "
@@ -96,8 +98,10 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         per_token = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                             head_dim=cfg.dim_head, dtype=lm.dtype)
+        # decode gathers each sequence's K and V of one layer at a time: [Hkv, B, span, hd] x 2
+        scratch = max_batch_size * max_model_len * per_token // cfg.num_hidden_layers
         num_blocks = kv_cache_blocks(kv_cache_bytes, block_size=block_size, bytes_per_token=per_token,
-                                     max_model_len=max_model_len, device=lm.device)
+                                     max_model_len=max_model_len, device=lm.device, decode_scratch=scratch)
         self.cache = self.llm.new_cache(num_blocks=num_blocks, block_size=block_size, dtype=lm.dtype, device=lm.device)
         log.info("KV cache: %d blocks of %d positions (%.0f MiB, %d positions)", num_blocks - 1, block_size,
                  self.cache.nbytes / 2**20, self.cache.max_len)

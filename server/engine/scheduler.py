@@ -98,7 +98,8 @@ class Scheduler:
     their blocks are released (the full ones stay cached) and they wait at the head of the queue,
     to be computed again, keeping every token they produced."""
 
-    def __init__(self, *, max_batch_size: int, pool: BlockPool, prefill_chunk: int = 512):
+    def __init__(self, *, max_batch_size: int, pool: BlockPool, prefill_chunk: int = 512,
+                 key_generated: bool = True):
         if prefill_chunk % pool.block_size:
             raise ValueError(f"the prefill chunk ({prefill_chunk}) must be a multiple of the block size "
                              f"({pool.block_size})")
@@ -106,6 +107,10 @@ class Scheduler:
         self.pool = pool
         self.block_size = pool.block_size
         self.prefill_chunk = prefill_chunk
+        # Key blocks holding generated tokens (a preempted sequence then finds its own decoded
+        # positions): only where decode is batch-invariant, i.e. a position's K/V depends on
+        # nothing but what precedes it (CPU float32). Elsewhere they are computed again.
+        self.key_generated = key_generated
         self._copies: list[tuple[int, int]] = []  # this step's copies on write
         self.waiting: deque[SequenceState] = deque()
         self.decoding: list[SequenceState] = []
@@ -230,7 +235,7 @@ class Scheduler:
         seq.blocks = hits
         seq.registered = len(hits)
         seq.computed = len(hits) * self.block_size
-        if not seq.output_ids:
+        if not seq.preemptions:  # a prompt's first lookup (a preempted one finds its own blocks)
             self.prefix_queried += seq.prompt_len
             self.prefix_hits += seq.computed
 
@@ -258,6 +263,8 @@ class Scheduler:
         bs = self.block_size
         while len(seq.block_keys) < blocks:
             i = len(seq.block_keys)
+            if not self.key_generated and (i + 1) * bs > seq.prompt_len:
+                return
             key = block_key(seq.block_keys[-1] if i else b"",
                             [seq.position_key(p) for p in range(i * bs, (i + 1) * bs)])
             if key is None:  # an unidentified position: no later block is shared either

@@ -130,6 +130,20 @@ def test_the_choices_of_an_n4_image_request_share_the_prompt_and_decode_as_it_wo
     assert n4_blocks < 0.35 * 4 * solo_blocks, (n4_blocks, solo_blocks)  # well under half of four copies
 
 
+def test_the_cpu_default_pool_holds_at_least_one_sequence():
+    import torch
+
+    from server.engine.runner import kv_cache_blocks
+
+    mib = 1 << 20
+    # a 13B in float32: 1.56 MiB a position; 4 GiB would hold 2,621 positions, fewer than 4,096
+    blocks = kv_cache_blocks(None, block_size=16, bytes_per_token=1600 * mib // 1024, max_model_len=4096,
+                             device=torch.device("cpu"))
+    assert (blocks - 1) * 16 >= 4096
+    tiny = kv_cache_blocks(None, block_size=16, bytes_per_token=512, max_model_len=4096, device=torch.device("cpu"))
+    assert tiny - 1 == 16 * 256  # 16 sequences where they fit under the cap
+
+
 def _text_requests(n: int, prefix: str) -> list[list[dict]]:
     return [[{"role": "system", "content": prefix}, {"role": "user", "content": f"Tell me about number {i}."}]
             for i in range(n)]

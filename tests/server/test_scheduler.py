@@ -282,6 +282,30 @@ def test_the_choices_of_an_n_request_fork_on_the_first_ones_blocks_and_copy_the_
     assert sched.schedule(0).copies == []  # no block is shared and written any more
 
 
+def test_a_prompt_preempted_mid_prefill_is_counted_once_in_the_prefix_metrics():
+    sched = _sched(blocks=30)
+    sched.add(_req(0, 100))  # 7 blocks
+    _admit_fully(sched, sched.schedule(512))
+    sched.add(_req(1, 200))  # 13 blocks, in chunks of 32
+    seq = sched.schedule(32).prefills[0]
+    _prefill(sched, seq, 32)
+    sched.preempt(seq)
+    seq = sched.schedule(512).prefills[0]  # back: finds its own first blocks
+    assert seq.computed == 32
+    assert sched.prefix_queried == 300 and sched.prefix_hits == 0
+
+
+def test_without_batch_invariant_decode_generated_blocks_are_not_keyed():
+    for key_generated in (True, False):
+        sched = Scheduler(max_batch_size=4, pool=BlockPool(100, 16), prefill_chunk=16, key_generated=key_generated)
+        sched.add(_req(0, 20))
+        _admit_fully(sched, sched.schedule(512))
+        seq = sched.decoding[0]
+        for _ in range(40):
+            _decode(sched, sched.schedule(512).decodes)
+        assert len(seq.block_keys) == (3 if key_generated else 1)  # 60 positions: 3 full blocks, 1 of prompt
+
+
 def test_dropping_a_waiting_request():
     sched = _sched()
     sched.add(_req(0, 5))
