@@ -38,6 +38,29 @@ def _start(cwd: Path, model: str, extra: list[str]) -> tuple[subprocess.Popen, s
     return proc, url
 
 
+def bench_model(model: str | None, out: Path) -> str:
+    """`model` resolved, or a tiny checkpoint built once under `out`."""
+    if model:
+        return str(Path(model).resolve())
+    from weights.make_tiny import make_tiny
+
+    path = (out / "tiny").resolve()
+    if not (path / "config.json").exists():
+        make_tiny(path)
+    return str(path)
+
+
+def base_tree(commit: str) -> tuple[str, Path]:
+    """(short sha, a git worktree of `commit` under /tmp), made once."""
+    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = Path(f"/tmp/slime-base-{sha}")
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return sha, tree
+
+
 async def _one(c: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> tuple[int, list[float]]:
     name = (await c.get(url + "/v1/models")).json()["data"][0]["id"]
     body = {"model": name, "messages": [{"role": "user", "content": f"Tell me story number {i}."}],
@@ -74,19 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = str(Path(args.model).resolve()) if args.model else None
-    if model is None:
-        from weights.make_tiny import make_tiny
-
-        model = str((out / "tiny").resolve())
-        if not (Path(model) / "config.json").exists():
-            make_tiny(Path(model))
-    sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    tree = Path(f"/tmp/slime-base-{sha}")
-    if not tree.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
-                       capture_output=True)
+    model = bench_model(args.model, out)
+    sha, tree = base_tree(args.base)
     extra = args.server_args.split()
     levels = [int(x) for x in args.concurrency.split(",")]
     servers = {f"base {sha}": _start(tree, model, extra), "this checkout": _start(ROOT, model, extra)}

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.compare_commits import _start
+from bench.compare_commits import _start, base_tree, bench_model
 from tests.live import ROOT, data_url, photo
 
 
@@ -105,23 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     from model.images import load_image
     from model.kv_cache import KVCache
 
-    model = str(Path(args.model).resolve()) if args.model else None
-    if model is None:
-        from weights.make_tiny import make_tiny
-
-        model = str((out / "tiny").resolve())
-        if not (Path(model) / "config.json").exists():
-            make_tiny(Path(model))
+    model = bench_model(args.model, out)
     cfg = SliMEConfig.from_file(model)
     per_pos = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                       head_dim=cfg.dim_head, dtype=torch.float32)  # the CPU serves float32
     slots = max(1, (args.kv_mb << 20) // (per_pos * args.max_model_len))
-    sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    tree = Path(f"/tmp/slime-base-{sha}")
-    if not tree.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
-                       capture_output=True)
+    sha, tree = base_tree(args.base)
     common = ["--max-model-len", str(args.max_model_len), "--max-waiting-requests", "256"]
     base_name, head_name = f"slots {sha} ({slots} x {args.max_model_len})", f"paged ({args.kv_mb} MiB)"
     servers = {base_name: _start(tree, model, [*common, "--max-batch-size", str(slots)]),
