@@ -246,6 +246,7 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
     if device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none":
         model.llm.enable_batch_invariant()
         model.llm.pack_weights()
+        model.llm.enable_inplace_decode_attention()
     elif opts.quantization == "none":
         model.llm.fuse_projections()
     model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)

@@ -90,7 +90,7 @@ def test_cpu_image_serves_health_and_a_chat_completion(image):
                  "image_chat = json.load(urllib.request.urlopen(req))\n"
                  "procs = [open(f'/proc/{p}/cmdline', 'rb').read() for p in os.listdir('/proc') if p.isdigit()]\n"
                  "engines = sum(b'multiprocessing' in c and b'resource_tracker' not in c for c in procs)\n"
-                 "kernels = os.listdir(os.environ['NUMBA_CACHE_DIR']) if os.path.isdir(os.environ['NUMBA_CACHE_DIR']) else []\n"
+                 "kernels = [f for _, _, fs in os.walk(os.environ['NUMBA_CACHE_DIR']) for f in fs]\n"
                  "print(json.dumps({'health': health, 'chat': chat, 'image_chat': image_chat,\n"
                  "                  'engine_processes': engines, 'numba_cache': kernels}))\n")
         out = sh(podman, "exec", name, "python", "-c", probe, timeout=120)
@@ -101,7 +101,9 @@ def test_cpu_image_serves_health_and_a_chat_completion(image):
         assert data["image_chat"]["usage"]["completion_tokens"] == 3
         assert data["image_chat"]["usage"]["prompt_tokens"] > 576
         assert data["engine_processes"] == 1  # the CPU image runs the engine in its own process
-        assert data["numba_cache"], "the bicubic resize kernels (model.pillow_bicubic) were not compiled into the image"
+        for kernel in ("pillow_bicubic.", "paged_attention_cpu."):  # the bicubic resize, the decode attention
+            assert any(f.startswith(kernel) and f.endswith(".nbc") for f in data["numba_cache"]), \
+                f"the {kernel[:-1]} kernels were not compiled into the image"
         uid = sh(podman, "exec", name, "id", "-u").stdout.strip()
         assert uid == "10001"  # non-root
         inspect = json.loads(sh(podman, "inspect", image).stdout)[0]

@@ -165,9 +165,11 @@ def test_clip_tower_matches_transformers(tiny_dir, tiny_lm):
     assert torch.allclose(got, expect, atol=1e-4)
 
 
-@pytest.mark.parametrize("invariant", [True, False], ids=["cpu-batch-invariant", "gpu-style-masked"])
-def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, monkeypatch):
+@pytest.mark.parametrize("invariant,inplace", [(True, True), (True, False), (False, False)],
+                         ids=["cpu-inplace-kernel", "cpu-gather", "gpu-style-masked"])
+def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, inplace, monkeypatch):
     monkeypatch.setattr(tiny_lm.model.llm, "batch_invariant", invariant)
+    monkeypatch.setattr(tiny_lm.model.llm, "inplace_decode_attention", inplace)
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
