@@ -302,6 +302,7 @@ class LlamaForCausalLM(nn.Module):
         self.batch_invariant = False
         # CPU float32: decode attention reads the paged cache in place (`model.paged_attention_cpu`)
         self.inplace_decode_attention = False
+        self.packed = False  # every projection and the LM head through oneDNN (see `pack_weights`)
         self.kernels = PointwiseKernels()  # eager; see compile_pointwise
         # flash-attn 2's kernel for whole-prompt prefill (CUDA, half precision) when installed;
         # otherwise SDPA, which on CUDA picks its own fused kernels.
@@ -375,6 +376,7 @@ class LlamaForCausalLM(nn.Module):
         for lin in linears:
             if type(lin) is nn.Linear:
                 lin.packed = pack_weight(lin.weight)
+        self.packed = all(getattr(lin, "packed", None) is not None for lin in linears)
         return True
 
     def new_cache(self, *, num_slots: int | None = None, max_len: int | None = None, num_blocks: int | None = None,
@@ -466,9 +468,10 @@ class LlamaForCausalLM(nn.Module):
             step = Step(positions=pos, tables=table, write_at=cache.where(table, pos), per_row=self.batch_invariant,
                         pad=bias, mask=None if self.batch_invariant else bias)
         x, rope_pos = embeds.unsqueeze(1), pos.view(b, 1)
-        if self.batch_invariant and b != padded_rows(b):
+        if self.batch_invariant and not self.packed and b != padded_rows(b):
             # Pad once for the whole step (see `linear`): extra rows ride through the linears and
-            # norms but never touch the cache or the attention.
+            # norms but never touch the cache or the attention. Packed weights need no padding:
+            # oneDNN's rows are invariant at any count (a 1-row step computes 1 row, not 4).
             extra = padded_rows(b) - b
             x = torch.cat([x, x.new_zeros(extra, 1, x.shape[-1])])
             rope_pos = torch.cat([rope_pos, rope_pos.new_zeros(extra, 1)])
