@@ -34,6 +34,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self._numpy: list[tuple] | None = None
         self._slot_blocks = 0  # blocks per slot, with `for_slots`
 
     @classmethod
@@ -62,6 +63,13 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def numpy_layer(self, layer: int) -> tuple:
+        """Layer `layer`'s keys and values `[Hkv, blocks, block_size, hd]` as numpy views of the
+        cache (CPU), made once: compiled kernels read and write them in place."""
+        if self._numpy is None:
+            self._numpy = [(self.k[i].numpy(), self.v[i].numpy()) for i in range(self.k.shape[0])]
+        return self._numpy[layer]
 
     # -- addressing --------------------------------------------------------------------------------
     def tables(self, tables: Sequence[Sequence[int]], span: int) -> torch.Tensor:

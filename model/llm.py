@@ -204,6 +204,20 @@ class Attention(nn.Module):
         b, t, _ = x.shape  # [B, T, D]
         pr = step.per_row
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if step.inplace:  # CPU float32 decode: RoPE, the cache write and attention in one call
+            if self.fused:
+                qkv = project(x, self.qkv_weight, self.qkv_bias, self.qkv_packed, pr)
+            else:
+                qkv = torch.cat([linear(p, x, pr) for p in (self.q_proj, self.k_proj, self.v_proj)], dim=-1)
+            real = step.positions.shape[0]  # rows past it only pad the batch (see `linear`)
+            if step.kernel is None:  # the first layer converts what all layers share
+                step.kernel = paged_attention_cpu.DecodeStep(rope.cos[:real].view(real, hd),
+                                                             rope.sin[:real].view(real, hd), step.tables, step.positions)
+            out = paged_attention_cpu.decode_attention(qkv[:real].view(real, h + 2 * hkv, hd), step.kernel,
+                                                       *cache.numpy_layer(self.layer_idx)).view(real, t, h * hd)
+            if real < b:
+                out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
+            return linear(self.o_proj, out, pr)
         if self.fused:
             qkv = project(x, self.qkv_weight, self.qkv_bias, self.qkv_packed, pr)
             qkv = qkv.view(b, t, h + 2 * hkv, hd).transpose(1, 2)
@@ -219,13 +233,6 @@ class Attention(nn.Module):
         gqa = self.num_kv_heads != self.num_heads
         if step.positions is not None:  # decode: row i feeds one token at positions[i]
             real = step.positions.shape[0]  # rows past it only pad the batch (see `linear`)
-            if step.inplace:  # CPU float32: write and attend through the block tables, no gather
-                out = paged_attention_cpu.paged_decode_attention_inplace(
-                    q[:real, :, 0], k[:real, :, 0], v[:real, :, 0], cache.k[layer], cache.v[layer], step.tables,
-                    step.positions).view(real, t, -1)  # [real, 1, H * hd]
-                if real < b:
-                    out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
-                return linear(self.o_proj, out, pr)
             cache.write(layer, *step.write_at, k[:real, :, 0].transpose(0, 1), v[:real, :, 0].transpose(0, 1))
             keys, values = cache.gather(layer, step.tables)  # [Hkv, B, span, hd]
             if step.per_row:
@@ -344,10 +351,10 @@ class LlamaForCausalLM(nn.Module):
         self.fuse_projections()
 
     def enable_inplace_decode_attention(self) -> bool:
-        """CPU float32: decode attention as one compiled loop over each row's blocks instead of a
-        gather and two matmuls (2.5-12x faster per layer on this project's CPU; batch-invariant by
-        construction). False (nothing changed) where the cache would not be CPU float32 or numba
-        is missing."""
+        """CPU float32: decode RoPE, cache write and attention as one compiled loop over each row's
+        blocks instead of a gather and two matmuls (2.5-12x faster per layer on this project's CPU;
+        batch-invariant by construction). False (nothing changed) where the cache would not be CPU
+        float32 or numba is missing."""
         w = self.lm_head.weight
         if not paged_attention_cpu.available() or w.device.type != "cpu" or w.dtype != torch.float32:
             return False
@@ -512,3 +519,4 @@ class Step:
     pad: torch.Tensor | None = None  # decode, batch-invariant: -inf on padding keys (see bucket_bias)
     flash: object = None  # prefill: flash_attn_func when enabled
     inplace: bool = False  # decode: `model.paged_attention_cpu` writes and attends (no write_at, no gather)
+    kernel: object = None  # with `inplace`: the step's paged_attention_cpu.DecodeStep, made by the first layer

@@ -5,7 +5,9 @@ padded `[Hkv, B, span, hd]` copy, then multiplies: on a memory-bound CPU the cop
 decode step (the blocks are read, written, then read again). This kernel writes each row's new key
 and value into its block, then walks the row's block table once: scores, softmax and the weighted
 value sum, for the query heads of each KV head together (grouped-query attention reads each key
-once). Only the row's own `positions[b] + 1` keys are touched, no padding.
+once). Only the row's own `positions[b] + 1` keys are touched, no padding. RoPE on the new query
+and key happens here too, in the reference's arithmetic: one call per layer replaces ~15 small ops
+that cost more than their work at small batches.
 
 Batch invariance holds by construction: a row's result is computed by the same loop, in the same
 order, whatever the other rows are, and whichever thread runs it.
@@ -26,52 +28,72 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a br
     numba = None
 
 
-def _jit(fn):
-    """Compiled without the GIL and cached on disk (see `model.pillow_bicubic._jit`). The float
-    flags let LLVM vectorise the dot products (reassociated sums, fused multiply-adds): a fixed
-    order per compiled kernel, so still the same bits for a row whatever the batch. No nnan/ninf."""
-    flags = {"reassoc", "contract"}
+# Float flags for the attention loops: LLVM may reassociate the dot products and value sums (to
+# vectorise them) and fuse multiply-adds. The order is fixed per compiled kernel, so a row still
+# gets the same bits whatever the batch. No nnan/ninf: infinities and NaNs behave.
+ATTENTION_FLAGS = {"reassoc", "contract"}
+
+
+def _jit(fn=None, *, fastmath=False):
+    """Compiled without the GIL and cached on disk (see `model.pillow_bicubic._jit`)."""
+    if fn is None:
+        return lambda f: _jit(f, fastmath=fastmath)
     try:
-        return numba.njit(nogil=True, cache=True, fastmath=flags)(fn)
+        return numba.njit(nogil=True, cache=True, fastmath=fastmath)(fn)
     except RuntimeError:
-        return numba.njit(nogil=True, fastmath=flags)(fn)
+        return numba.njit(nogil=True, fastmath=fastmath)(fn)
 
 
 if numba is not None:
 
     @_jit
-    def _decode_rows(q, k_new, v_new, kc, vc, tables, positions, out, scale, lo, hi):  # pragma: no cover - compiled
-        """Rows lo..hi-1 of a decode step.
+    def _rope_row(dst, x, cos, sin):  # pragma: no cover - compiled
+        """dst = x * cos + rotate_half(x) * sin for one head `[hd]`: the reference's RoPE, each
+        product and the sum rounded on their own as torch's three kernels round them (no fastmath,
+        no fused multiply-add), so a key is the bits the eager RoPE gives."""
+        half = x.shape[0] // 2
+        for d in range(half):
+            dst[d] = x[d] * cos[d] + (-x[d + half]) * sin[d]
+        for d in range(half, 2 * half):
+            dst[d] = x[d] * cos[d] + x[d - half] * sin[d]
 
-        q `[B, H, hd]`, k_new / v_new `[B, Hkv, hd]` (the new token's key and value), kc / vc
-        `[Hkv, blocks, block_size, hd]` (one layer of the cache), tables `[B, nblk]` int64,
-        positions `[B]` int64 (where each row's new token goes) -> out `[B, H, hd]`.
+    @_jit(fastmath=ATTENTION_FLAGS)
+    def _decode_rows(qkv, cos, sin, kc, vc, tables, positions, out, scale):  # pragma: no cover - compiled
+        """One decode step's attention for every row.
+
+        qkv `[B, H + 2 Hkv, hd]` (the fused projection's output: query heads, key heads, value
+        heads, before RoPE), cos / sin `[B, hd]` (each row's position), kc / vc `[Hkv, blocks,
+        block_size, hd]` (one layer of the cache), tables `[B, nblk]` int64, positions `[B]`
+        int64 -> out `[B, H, hd]`.
         """
-        h = q.shape[1]
-        hd = q.shape[2]
+        b_rows = qkv.shape[0]
+        hd = qkv.shape[2]
         hkv = kc.shape[0]
+        h = qkv.shape[1] - 2 * hkv
         bs = kc.shape[2]
         g = h // hkv
         n_max = 0
-        for b in range(lo, hi):
+        for b in range(b_rows):
             n_max = max(n_max, positions[b] + 1)
         scores = np.empty((g, n_max), dtype=np.float32)
         acc = np.empty((g, hd), dtype=np.float32)
         total = np.empty(g, dtype=np.float32)
-        for b in range(lo, hi):
+        q = np.empty((h, hd), dtype=np.float32)
+        for b in range(b_rows):
             p = positions[b]
             n = p + 1
             blk, off = tables[b, p // bs], p % bs
+            for kh in range(hkv):  # the new key (after RoPE) and value go in first: the row reads them
+                _rope_row(kc[kh, blk, off], qkv[b, h + kh], cos[b], sin[b])
+                vc[kh, blk, off, :] = qkv[b, h + hkv + kh]
+            for i in range(h):
+                _rope_row(q[i], qkv[b, i], cos[b], sin[b])
             for kh in range(hkv):
-                for d in range(hd):
-                    kc[kh, blk, off, d] = k_new[b, kh, d]
-                    vc[kh, blk, off, d] = v_new[b, kh, d]
-            for kh in range(hkv):
-                # q . k for every key, g query heads at a time
+                # q . k for every key, the g query heads of this KV head together (one read per key)
                 for j in range(n):
                     key = kc[kh, tables[b, j // bs], j % bs]
                     for i in range(g):
-                        qrow = q[b, kh * g + i]
+                        qrow = q[kh * g + i]
                         s = np.float32(0.0)
                         for d in range(hd):
                             s += qrow[d] * key[d]
@@ -104,17 +126,26 @@ def available() -> bool:
     return numba is not None
 
 
-def paged_decode_attention_inplace(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                                   v_cache: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Write each row's new key and value into its block, then attend over its cached keys.
+class DecodeStep:
+    """What every layer's call shares in one decode step, converted once: cos / sin `[B, hd]`
+    (each row's position), block tables `[B, nblk]` and positions `[B]`."""
 
-    q `[B, H, hd]`, k_new / v_new `[B, Hkv, hd]`, k_cache / v_cache `[Hkv, blocks, block_size, hd]`
-    (one layer), tables `[B, nblk]`, positions `[B]` -> `[B, H, hd]`. CPU float32 only.
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor):
+        self.cos, self.sin = cos.contiguous().numpy(), sin.contiguous().numpy()
+        self.tables, self.positions = tables.contiguous().numpy(), positions.contiguous().numpy()
+
+
+def decode_attention(qkv: torch.Tensor, step: DecodeStep, k_cache: np.ndarray, v_cache: np.ndarray) -> torch.Tensor:
+    """RoPE, the cache write and attention of one decode step, for one layer.
+
+    qkv `[B, H + 2 Hkv, hd]` (before RoPE), k_cache / v_cache `[Hkv, blocks, block_size, hd]` (one
+    layer, as numpy views: see `KVCache.numpy_layer`) -> `[B, H * hd]`. CPU float32 only.
     """
-    b, h, hd = q.shape
-    out = torch.empty((b, h, hd), dtype=torch.float32)
-    _decode_rows(q.contiguous().numpy(), k_new.contiguous().numpy(), v_new.contiguous().numpy(), k_cache.numpy(),
-                 v_cache.numpy(), tables.numpy(), positions.numpy(), out.numpy(), np.float32(1.0 / math.sqrt(hd)), 0, b)
+    b, heads, hd = qkv.shape
+    h = heads - 2 * k_cache.shape[0]
+    out = torch.empty((b, h * hd), dtype=torch.float32)
+    _decode_rows(qkv.contiguous().numpy(), step.cos, step.sin, k_cache, v_cache, step.tables, step.positions,
+                 out.numpy().reshape(b, h, hd), np.float32(1.0 / math.sqrt(hd)))
     return out
 
 
@@ -122,6 +153,6 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) the kernel now rather than in the first decode step."""
     if numba is None:
         return
-    kc = torch.zeros(1, 2, 16, 4)
-    paged_decode_attention_inplace(torch.zeros(1, 2, 4), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), kc, kc.clone(),
-                                   torch.tensor([[1]]), torch.tensor([0]))
+    kc = np.zeros((1, 2, 16, 4), dtype=np.float32)
+    step = DecodeStep(torch.ones(1, 4), torch.zeros(1, 4), torch.tensor([[1]]), torch.tensor([0]))
+    decode_attention(torch.zeros(1, 3, 4), step, kc, kc.copy())

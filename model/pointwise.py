@@ -27,6 +27,9 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.is_cuda:  # one kernel (the weight applied before rounding, as vLLM's kernel does)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # torch's CPU op computes the reference's float32 arithmetic (bit for bit, tested) in one call
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype  # the CPU: the reference's own ops, bit for bit what transformers computes
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -1,5 +1,5 @@
-"""The CPU decode-attention kernel that reads the paged cache in place, against the eager
-gather-and-matmul path it replaces."""
+"""The CPU decode kernel (RoPE, cache write and attention reading the paged cache in place)
+against the eager ops it replaces: RoPE, the cache write, the gather and two matmuls."""
 
 import pytest
 import torch
@@ -7,12 +7,14 @@ import torch
 from model import paged_attention_cpu
 from model.kv_cache import KVCache
 from model.llm import bucket_bias, key_span, paged_decode_attention
+from model.pointwise import rope
 
 H, HKV, HD, BS = 8, 2, 16, 4
 
 
 def _setup(lengths, seed=0):
-    """A cache with random contents, scattered tables and the new rows' q, k, v."""
+    """A cache with random contents, scattered tables, the new rows' qkv `[B, H + 2 Hkv, hd]`
+    before RoPE, and cos / sin `[B, hd]` for their positions."""
     g = torch.Generator().manual_seed(seed)
     per = [-(-n // BS) for n in lengths]
     cache = KVCache(num_layers=2, num_blocks=1 + sum(per) + 3, block_size=BS, num_kv_heads=HKV, head_dim=HD,
@@ -24,25 +26,30 @@ def _setup(lengths, seed=0):
     for n in per:
         tables.append(order[at:at + n])
         at += n
-    b = len(lengths)
-    q, k, v = (torch.randn(b, n, HD, generator=g) for n in (H, HKV, HKV))
-    return cache, tables, q, k, v
+    qkv = torch.randn(len(lengths), H + 2 * HKV, HD, generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HD, 2).float() / HD))
+    freqs = torch.outer(torch.tensor([n - 1 for n in lengths], dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return cache, tables, qkv, emb.cos(), emb.sin()
 
 
-def _eager(cache, layer, tables, lengths, q, k, v):
+def _eager(cache, layer, tables, lengths, qkv, cos, sin):
+    q, k, v = qkv[:, :H], qkv[:, H:H + HKV], qkv[:, H + HKV:]
+    q, k = rope(q, cos[:, None], sin[:, None]), rope(k, cos[:, None], sin[:, None])
     span = key_span(lengths, BS)
     table = cache.tables(tables, span)
     pos = torch.tensor([n - 1 for n in lengths])
     cache.write(layer, *cache.where(table, pos), k.transpose(0, 1), v.transpose(0, 1))
     keys, values = cache.gather(layer, table)
     bias = bucket_bias(lengths, span, torch.float32, "cpu")
-    return paged_decode_attention(q.unsqueeze(2), keys, values, bias).view(len(lengths), H, HD)
+    return paged_decode_attention(q.unsqueeze(2), keys, values, bias).reshape(len(lengths), H * HD)
 
 
-def _inplace(cache, layer, tables, lengths, q, k, v):
+def _kernel(cache, layer, tables, lengths, qkv, cos, sin):
     table = cache.tables(tables, -(-max(lengths) // BS) * BS)
     pos = torch.tensor([n - 1 for n in lengths])
-    return paged_attention_cpu.paged_decode_attention_inplace(q, k, v, cache.k[layer], cache.v[layer], table, pos)
+    step = paged_attention_cpu.DecodeStep(cos, sin, table, pos)
+    return paged_attention_cpu.decode_attention(qkv, step, *cache.numpy_layer(layer))
 
 
 def test_the_kernel_is_available():
@@ -50,23 +57,23 @@ def test_the_kernel_is_available():
 
 
 @pytest.mark.parametrize("lengths", [[1], [4], [5], [37, 1, 12, 64, 9]], ids=str)
-def test_matches_the_gather_path_and_writes_the_new_key_and_value(lengths):
-    a = _setup(lengths)
-    b = _setup(lengths)
-    expect = _eager(a[0], 1, *a[1:2], lengths, *a[2:])
-    got = _inplace(b[0], 1, *b[1:2], lengths, *b[2:])
+def test_matches_the_eager_ops_and_writes_the_same_keys_and_values(lengths):
+    a, b = _setup(lengths), _setup(lengths)
+    expect = _eager(a[0], 1, a[1], lengths, *a[2:])
+    got = _kernel(b[0], 1, b[1], lengths, *b[2:])
     assert torch.allclose(got, expect, atol=1e-5, rtol=1e-5)
-    assert torch.equal(a[0].k, b[0].k) and torch.equal(a[0].v, b[0].v)  # same writes, same places
+    # RoPE in the reference's arithmetic: the cache holds the very bits the eager ops write
+    assert torch.equal(a[0].k, b[0].k) and torch.equal(a[0].v, b[0].v)
     assert b[0].k[0].abs().sum() > 0 and torch.equal(a[0].k[0], b[0].k[0])  # the other layer untouched
 
 
 def test_a_row_does_not_depend_on_the_other_rows():
     lengths = [50, 3, 17, 33, 8, 61]
-    cache, tables, q, k, v = _setup(lengths)
-    together = _inplace(cache, 0, tables, lengths, q, k, v)
+    cache, tables, qkv, cos, sin = _setup(lengths)
+    together = _kernel(cache, 0, tables, lengths, qkv, cos, sin)
     for i in range(len(lengths)):
-        alone, *_ = _setup(lengths)  # fresh contents: the write above must not be what is read
-        got = _inplace(alone, 0, [tables[i]], [lengths[i]], q[i:i + 1], k[i:i + 1], v[i:i + 1])
+        alone, *_ = _setup(lengths)  # fresh contents: a stale write must not be what is read
+        got = _kernel(alone, 0, [tables[i]], [lengths[i]], qkv[i:i + 1], cos[i:i + 1], sin[i:i + 1])
         assert torch.equal(got[0], together[i])
 
 
@@ -76,11 +83,14 @@ def test_the_model_decodes_alike_with_and_without_the_kernel(tiny_lm, monkeypatc
     torch.manual_seed(0)
     embeds = torch.randn(3, 90, tiny_lm.cfg.hidden_size)
     lengths = [20, 70, 45]
-    outs = []
+    outs, caches = [], []
     for inplace in (True, False):
         monkeypatch.setattr(llm, "inplace_decode_attention", inplace)
         cache = llm.new_cache(num_slots=3, max_len=96, dtype=torch.float32, device="cpu")
         for slot, n in enumerate(lengths):
             llm.prefill(embeds[slot, :n], cache, slot=slot, start=0)
         outs.append(llm.logits(llm.decode(embeds[:, 89], lengths, cache)))
+        caches.append(cache)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    # the first layer's new keys went through the same RoPE: the same bits
+    assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])

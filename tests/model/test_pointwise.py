@@ -29,6 +29,24 @@ def test_add_rms_norm_carries_the_residual():
     assert torch.equal(add_rms_norm(x, None, w, 1e-6)[0], x)
 
 
+def test_cpu_float32_rms_norm_is_the_reference_arithmetic_bit_for_bit():
+    """The CPU takes torch's one-call rms_norm in float32 because it equals the reference's ops."""
+    from model.pointwise import rms_norm
+
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for d in (64, 176, 512, 1000, 4096, 8192):
+                for n in (1, 3, 64):
+                    x, w = torch.randn(n, 1, d) * 5, torch.randn(d)
+                    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+                    assert torch.equal(rms_norm(x, w, 1e-5), w * h), (threads, d, n)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compiled_kernels_match_eager_in_the_decoder(tiny_lm, c_compiler):
     """The whole LLM with compiled kernels (what CUDA serving runs) against the eager forward."""
     llm = tiny_lm.model.llm
