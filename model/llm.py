@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SliMEConfig
-from . import paged_attention_cpu
+from . import cpu_decode, paged_attention_cpu
 from .kv_cache import KVCache
 from .pointwise import PointwiseKernels, Rotary, rms_norm, silu_mul
 
@@ -310,6 +310,7 @@ class LlamaForCausalLM(nn.Module):
         # CPU float32: decode attention reads the paged cache in place (`model.paged_attention_cpu`)
         self.inplace_decode_attention = False
         self.packed = False  # every projection and the LM head through oneDNN (see `pack_weights`)
+        self._cpu_decode_plan: list | None = None  # see `model.cpu_decode`
         self.kernels = PointwiseKernels()  # eager; see compile_pointwise
         # flash-attn 2's kernel for whole-prompt prefill (CUDA, half precision) when installed;
         # otherwise SDPA, which on CUDA picks its own fused kernels.
@@ -384,6 +385,7 @@ class LlamaForCausalLM(nn.Module):
             if type(lin) is nn.Linear:
                 lin.packed = pack_weight(lin.weight)
         self.packed = all(getattr(lin, "packed", None) is not None for lin in linears)
+        self._cpu_decode_plan = None  # `cpu_decode` looks the packed weights up again
         return True
 
     def new_cache(self, *, num_slots: int | None = None, max_len: int | None = None, num_blocks: int | None = None,
@@ -466,6 +468,8 @@ class LlamaForCausalLM(nn.Module):
         pos = torch.tensor(positions, device=device)
         if self.inplace_decode_attention and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32:
             span = -(-max(lengths) // bs) * bs
+            if cpu_decode.ready(self):  # the serving form: the same ops, without module dispatch
+                return cpu_decode.decode_step(self, embeds, pos, cache.tables(tables, span), cache, span)
             table = cache.tables(tables, span)  # [B, blocks of the longest]
             step = Step(positions=pos, tables=table, per_row=self.batch_invariant, inplace=True)
         else:
