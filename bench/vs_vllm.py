@@ -276,7 +276,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _checkpoint(args: argparse.Namespace) -> Path:
+def checkpoint_for(args: argparse.Namespace) -> Path:
+    """`--model`, or the `--size` benchmark checkpoint (built under .cache/ once)."""
     if args.model:
         return Path(args.model).resolve()
     from weights.make_tiny import make_tiny
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     versions = {"vllm": found[0], "vllm_torch": found[1], "torch": version("torch")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = _checkpoint(args)
+    model = checkpoint_for(args)
     from weights.export_llm import export_llm
 
     llm_dir = export_llm(model, ROOT / ".cache" / f"{model.name}-llm")
