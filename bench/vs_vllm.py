@@ -1,10 +1,10 @@
 """Our server against vLLM's CPU build, side by side on the same LLM weights (issue #13).
 
     python -m bench.vs_vllm [--size small|medium | --model DIR] [--vllm-python PATH]
-        [--concurrency 1,16,64] [--max-tokens 128,128,64] [--rounds 5] [--out artifacts/bench]
+        [--concurrency 1,16,64] [--max-tokens 128,128,64] [--rounds 5] [--settle 2] [--out artifacts/bench]
 
-Both servers stay up; at each concurrency level both take the same load right after each other,
-the order alternating round by round: N streamed text-only chats started at once
+Both servers stay up; at each concurrency level both take the same load right after each other
+(each after --settle idle seconds), the order alternating round by round: N streamed text-only chats started at once
 (`/v1/chat/completions`, greedy, `ignore_eos`, a fixed number of tokens per stream, distinct
 prompts). Each server runs with its own defaults and OMP_NUM_THREADS unset:
 
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,16,64", help="streams at once, per level")
     ap.add_argument("--max-tokens", default="128,128,64", help="tokens per stream, per level (or one for all)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="idle seconds before each load (OpenMP threads spin for a while after a burst)")
     ap.add_argument("--vllm-kv-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, GiB")
     ap.add_argument("--start-timeout", type=float, default=START_TIMEOUT, help="seconds a server may take to start")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
@@ -357,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             for streams, tokens in levels:
                 order = [OURS, VLLM] if r % 2 == 0 else [VLLM, OURS]
                 for label in order:
+                    time.sleep(args.settle)  # the other server's threads may still spin after its burst
                     res = asyncio.run(run_load(servers[label].url, ids[label], streams, tokens, prompt_id))
                     rounds[(label, streams)].append(Round.of(res))
                     print(f"round {r + 1}/{args.rounds} {label} x{streams}: {res.tokens / res.wall:.1f} tok/s, "
