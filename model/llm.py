@@ -353,8 +353,8 @@ class LlamaForCausalLM(nn.Module):
 
     def enable_inplace_decode_attention(self) -> bool:
         """CPU float32: decode RoPE, cache write and attention as one compiled loop over each row's
-        blocks instead of a gather and two matmuls (2.5-12x faster per layer on this project's CPU;
-        batch-invariant by construction). False (nothing changed) where the cache would not be CPU
+        blocks instead of a gather and two matmuls (the decode step x1.2-4.4 faster on the small checkpoint,
+        BENCHMARKS.md; batch-invariant by construction). False (nothing changed) where the cache would not be CPU
         float32 or numba is missing."""
         w = self.lm_head.weight
         if not paged_attention_cpu.available() or w.device.type != "cpu" or w.dtype != torch.float32:
@@ -519,7 +519,7 @@ class Step:
     write_at: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks, offsets `[N]` of the new K/V
     mask: torch.Tensor | None = None  # boolean (True = attend) or additive
     causal: bool = False
-    per_row: bool = False  # batch-invariant decode: padded linears, bucketed attention
+    per_row: bool = False  # batch-invariant decode: row-invariant linears (packed, or padded to 4 rows)
     pad: torch.Tensor | None = None  # decode, batch-invariant: -inf on padding keys (see bucket_bias)
     flash: object = None  # prefill: flash_attn_func when enabled
     inplace: bool = False  # decode: `model.paged_attention_cpu` writes and attends (no write_at, no gather)

@@ -133,6 +133,22 @@ class DecodeStep:
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor):
         self.cos, self.sin = cos.contiguous().numpy(), sin.contiguous().numpy()
         self.tables, self.positions = tables.contiguous().numpy(), positions.contiguous().numpy()
+        self._checked: tuple[int, int] | None = None  # (blocks, block_size) of the cache checked against
+
+    def check(self, num_blocks: int, block_size: int) -> None:
+        """The compiled loop has no bounds checks: a bad block id or position would write outside
+        the cache instead of raising. Checked once per step (every layer's cache has one shape)."""
+        if self._checked == (num_blocks, block_size):
+            return
+        b, nblk = self.tables.shape
+        if self.positions.shape != (b,) or self.cos.shape[0] != b or self.sin.shape[0] != b:
+            raise ValueError("decode step: cos, sin, tables and positions disagree on the rows")
+        if b:
+            if self.positions.min() < 0 or self.positions.max() // block_size >= nblk:
+                raise IndexError(f"decode step: a position lies outside its row's {nblk} blocks")
+            if self.tables.min() < 0 or self.tables.max() >= num_blocks:  # padding is the null block, 0
+                raise IndexError(f"decode step: a block id lies outside the cache's {num_blocks} blocks")
+        self._checked = (num_blocks, block_size)
 
 
 def decode_attention(qkv: torch.Tensor, step: DecodeStep, k_cache: np.ndarray, v_cache: np.ndarray) -> torch.Tensor:
@@ -143,6 +159,7 @@ def decode_attention(qkv: torch.Tensor, step: DecodeStep, k_cache: np.ndarray, v
     """
     b, heads, hd = qkv.shape
     h = heads - 2 * k_cache.shape[0]
+    step.check(k_cache.shape[1], k_cache.shape[2])
     out = torch.empty((b, h * hd), dtype=torch.float32)
     _decode_rows(qkv.contiguous().numpy(), step.cos, step.sin, k_cache, v_cache, step.tables, step.positions,
                  out.numpy().reshape(b, h, hd), np.float32(1.0 / math.sqrt(hd)))

@@ -4,8 +4,9 @@ At small decode batches a 7B step is bound by kernel count as much as by weight 
 4 GEMMs (q/k/v fused, o, gate/up fused, down), 2 KV-cache writes and attention, a decoder layer
 (`LlamaForCausalLM._run`) launches these ops, counted per layer in the code below:
 
-- the reference's own ops (the CPU, bit for bit): 25 (each RMSNorm 8, residual adds 2, RoPE 5,
-  SiLU and the multiply 2);
+- the reference's own ops: 25 (each RMSNorm 8, residual adds 2, RoPE 5, SiLU and the multiply 2);
+  on the CPU in float32 RMSNorm is torch's one op (bit-equal) and decode RoPE runs inside
+  `model.paged_attention_cpu`'s loop;
 - the eager CUDA forms: 9 (RMSNorm as one kernel, residual adds 2, RoPE in 3, SiLU and multiply 2);
 - `PointwiseKernels.make_compiled()` (CUDA, the server's default): 4 generated kernels
   (torch.compile), one per op group: the residual add with the next RMSNorm (twice), RoPE, SiLU

@@ -89,8 +89,9 @@ def test_table_and_header_say_what_ran():
     header = vs_vllm.header_lines(name="bench-small", rounds=1, ours_cmd="python -m server ...",
                                   vllm_cmd="VLLM_CPU_KVCACHE_SPACE=1 python -m vllm...",
                                   versions={"torch": "2.13.0+cpu", "vllm": "0.32.0", "vllm_torch": "2.13.0+cpu"},
-                                  rows=rows)
+                                  rows=rows, settle=2.0)
     text = table(header, rows)
+    assert "2 s idle before each load" in text
     assert "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm" in text and "vLLM 0.32.0" in text
     assert "ours 44 / vLLM 45" in text and "NOT EQUAL" in text
     assert "| 1 | 128 | 20.0 | 10.0 | x2.00 | 40.0 | 80.0 | x0.50 | 90 | 45 | x2.00 |" in text

@@ -59,12 +59,38 @@ def test_the_kernel_is_available():
 @pytest.mark.parametrize("lengths", [[1], [4], [5], [37, 1, 12, 64, 9]], ids=str)
 def test_matches_the_eager_ops_and_writes_the_same_keys_and_values(lengths):
     a, b = _setup(lengths), _setup(lengths)
+    before = b[0].k.clone(), b[0].v.clone()
     expect = _eager(a[0], 1, a[1], lengths, *a[2:])
     got = _kernel(b[0], 1, b[1], lengths, *b[2:])
     assert torch.allclose(got, expect, atol=1e-5, rtol=1e-5)
     # RoPE in the reference's arithmetic: the cache holds the very bits the eager ops write
     assert torch.equal(a[0].k, b[0].k) and torch.equal(a[0].v, b[0].v)
-    assert b[0].k[0].abs().sum() > 0 and torch.equal(a[0].k[0], b[0].k[0])  # the other layer untouched
+    assert torch.equal(b[0].k[0], before[0][0]) and torch.equal(b[0].v[0], before[1][0])  # other layer untouched
+    assert not torch.equal(b[0].k[1], before[0][1])  # the new keys went in
+
+
+@pytest.mark.parametrize("bad", ["block id past the cache", "negative block id", "position past the table",
+                                 "negative position"])
+def test_a_bad_step_raises_instead_of_writing_outside_the_cache(bad):
+    """The compiled loop has no bounds checks, so the step is checked before it runs: a bad step
+    fails as an error the executor can pin on its request, and the cache is left as it was."""
+    lengths = [9, 5]
+    cache, tables, qkv, cos, sin = _setup(lengths)
+    table = cache.tables(tables, 12)
+    pos = torch.tensor([n - 1 for n in lengths])
+    if bad == "block id past the cache":
+        table[1, 0] = cache.k.shape[2]
+    elif bad == "negative block id":
+        table[0, 2] = -1
+    elif bad == "position past the table":
+        pos[0] = 12
+    else:
+        pos[1] = -1
+    before = cache.k.clone(), cache.v.clone()
+    with pytest.raises(IndexError):
+        paged_attention_cpu.decode_attention(qkv, paged_attention_cpu.DecodeStep(cos, sin, table, pos),
+                                             *cache.numpy_layer(0))
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
 
 
 def test_a_row_does_not_depend_on_the_other_rows():
@@ -94,3 +120,22 @@ def test_the_model_decodes_alike_with_and_without_the_kernel(tiny_lm, monkeypatc
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     # the first layer's new keys went through the same RoPE: the same bits
     assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
+
+
+def test_without_numba_the_model_keeps_the_gather_path(tiny_dir, tiny_lm, monkeypatch):
+    from model import cpu_decode
+    from model.loading import LoadOptions, load_model
+
+    monkeypatch.setattr(paged_attention_cpu, "numba", None)  # a broken install: the model still serves
+    lm = load_model(tiny_dir, LoadOptions(device="cpu"))
+    llm = lm.model.llm
+    assert not paged_attention_cpu.available() and not llm.inplace_decode_attention and not cpu_decode.ready(llm)
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 40, tiny_lm.cfg.hidden_size)
+    outs = []
+    for m in (tiny_lm.model.llm, llm):
+        cache = m.new_cache(num_slots=2, max_len=48, dtype=torch.float32, device="cpu")
+        for slot, n in enumerate([30, 17]):
+            m.prefill(embeds[slot, :n], cache, slot=slot, start=0)
+        outs.append(m.logits(m.decode(embeds[:, 39], [30, 17], cache)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
