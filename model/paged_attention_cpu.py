@@ -159,6 +159,9 @@ def decode_attention(qkv: torch.Tensor, step: DecodeStep, k_cache: np.ndarray, v
     """
     b, heads, hd = qkv.shape
     h = heads - 2 * k_cache.shape[0]
+    if (b != step.positions.shape[0] or step.cos.shape[1] != hd or k_cache.shape[3] != hd
+            or v_cache.shape != k_cache.shape or h < k_cache.shape[0] or h % k_cache.shape[0]):
+        raise ValueError(f"decode step: qkv {tuple(qkv.shape)} does not fit the step or the cache {k_cache.shape}")
     step.check(k_cache.shape[1], k_cache.shape[2])
     out = torch.empty((b, h * hd), dtype=torch.float32)
     _decode_rows(qkv.contiguous().numpy(), step.cos, step.sin, k_cache, v_cache, step.tables, step.positions,

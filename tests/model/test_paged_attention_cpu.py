@@ -87,6 +87,9 @@ def test_a_bad_step_raises_instead_of_writing_outside_the_cache(bad):
     else:
         pos[1] = -1
     before = cache.k.clone(), cache.v.clone()
+    with pytest.raises(ValueError):  # more rows than the step describes
+        paged_attention_cpu.decode_attention(torch.cat([qkv, qkv]), paged_attention_cpu.DecodeStep(cos, sin, table, pos),
+                                             *cache.numpy_layer(0))
     with pytest.raises(IndexError):
         paged_attention_cpu.decode_attention(qkv, paged_attention_cpu.DecodeStep(cos, sin, table, pos),
                                              *cache.numpy_layer(0))
