@@ -106,6 +106,15 @@ def test_a_row_does_not_depend_on_the_other_rows():
         assert torch.equal(got[0], together[i])
 
 
+def _decode_after_prefill(llm, embeds, lengths, max_len):
+    """Prefill row i's first lengths[i] embeddings `[B, T, D]`, then decode the last one for every
+    row -> (logits `[B, vocab]`, the cache)."""
+    cache = llm.new_cache(num_slots=len(lengths), max_len=max_len, dtype=torch.float32, device="cpu")
+    for slot, n in enumerate(lengths):
+        llm.prefill(embeds[slot, :n], cache, slot=slot, start=0)
+    return llm.logits(llm.decode(embeds[:, -1], lengths, cache)), cache
+
+
 def test_the_model_decodes_alike_with_and_without_the_kernel(tiny_lm, monkeypatch):
     llm = tiny_lm.model.llm
     assert llm.inplace_decode_attention  # on by default on the CPU in float32
@@ -115,10 +124,8 @@ def test_the_model_decodes_alike_with_and_without_the_kernel(tiny_lm, monkeypatc
     outs, caches = [], []
     for inplace in (True, False):
         monkeypatch.setattr(llm, "inplace_decode_attention", inplace)
-        cache = llm.new_cache(num_slots=3, max_len=96, dtype=torch.float32, device="cpu")
-        for slot, n in enumerate(lengths):
-            llm.prefill(embeds[slot, :n], cache, slot=slot, start=0)
-        outs.append(llm.logits(llm.decode(embeds[:, 89], lengths, cache)))
+        logits, cache = _decode_after_prefill(llm, embeds, lengths, max_len=96)
+        outs.append(logits)
         caches.append(cache)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     # the first layer's new keys went through the same RoPE: the same bits
@@ -135,10 +142,5 @@ def test_without_numba_the_model_keeps_the_gather_path(tiny_dir, tiny_lm, monkey
     assert not paged_attention_cpu.available() and not llm.inplace_decode_attention and not cpu_decode.ready(llm)
     torch.manual_seed(0)
     embeds = torch.randn(2, 40, tiny_lm.cfg.hidden_size)
-    outs = []
-    for m in (tiny_lm.model.llm, llm):
-        cache = m.new_cache(num_slots=2, max_len=48, dtype=torch.float32, device="cpu")
-        for slot, n in enumerate([30, 17]):
-            m.prefill(embeds[slot, :n], cache, slot=slot, start=0)
-        outs.append(m.logits(m.decode(embeds[:, 39], [30, 17], cache)))
+    outs = [_decode_after_prefill(m, embeds, [30, 17], max_len=48)[0] for m in (tiny_lm.model.llm, llm)]
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
