@@ -177,6 +177,23 @@ def test_upload_ask_stream_and_overlay_matches_server(browser, site, tiny_lm):
     assert ImageStat.Stat(shot).stddev[0] > 10, "screenshot looks blank"
 
 
+def test_the_stop_button_stays_put_while_an_answer_streams(browser, site):
+    # the messages pane grew with the answer and pushed Stop down line by line: a moving target for
+    # the user (and a click that landed on the answer's text instead)
+    fresh_page(browser, site)
+    by_id(browser, "max-tokens").clear()
+    by_id(browser, "max-tokens").send_keys("4000")
+    by_id(browser, "question").send_keys("Tell me a very long story\n")
+    text = wait(browser, lambda d: [e for e in d.find_elements("css selector", "#messages li.assistant .text")
+                                    if len(e.text) > 20], what="streaming text")[-1]
+    where = by_id(browser, "stop").rect
+    start = len(text.text)
+    wait(browser, lambda d: len(text.text) > start + 600, what="more text")
+    assert by_id(browser, "stop").rect == where
+    by_id(browser, "stop").click()
+    wait(browser, lambda d: by_id(d, "send").is_enabled(), what="send re-enabled")
+
+
 def test_stop_aborts_a_long_answer(browser, site):
     fresh_page(browser, site)
     by_id(browser, "max-tokens").clear()
