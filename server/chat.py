@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator
 from .engine.interface import EngineClient, EngineDead
 from .engine.types import ErrorKind, Event
 from .errors import APIError, engine_error
-from .prepare import RequestPreparer
+from .fetch import ImageFetcher
+from .prepare import Prepared, RequestPreparer, fetch_policy
 from .structured import single_forced_tool, tool_call
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,
                        Choice, ChunkChoice, Delta, FunctionCallDelta, ImageSelection, SliMEReport, TokenLogprobOut,
@@ -69,6 +70,8 @@ class ChatService:
         self.model_name = settings.model_id
         self.preparer = RequestPreparer(settings, engine.info, engine.cached_image, metrics)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slime-prep")
+        policy = fetch_policy(settings)
+        self.fetcher = ImageFetcher(policy, workers=settings.image_url_workers) if policy is not None else None
         self.preparing = 0  # requests between admission and submission to the engine
 
     async def start(self, req: ChatCompletionRequest) -> tuple[str, list[AsyncIterator[Event]]]:
@@ -84,7 +87,7 @@ class ChatService:
                            code="overloaded", headers={"Retry-After": "1"})
         self.preparing += req.n
         try:
-            prepared = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.prepare, req)
+            prepared = await self._prepare(req)
             params = self.preparer.sampling_params(req, prepared.max_prompt_tokens)
         finally:
             self.preparing -= req.n
@@ -98,6 +101,16 @@ class ChatService:
                     await st.aclose()
                 raise APIError(503, "the engine is not running", type="unavailable", code="engine_dead") from None
         return cid, streams
+
+    async def _prepare(self, req: ChatCompletionRequest) -> Prepared:
+        """Checks here; image URLs fetched on the fetcher's pool (all at once, one deadline); then
+        decoding, slicing and tokenising on a preparation worker."""
+        messages, urls = self.preparer.messages(req)
+        remote = self.preparer.remote_urls(urls) if self.fetcher is not None else []
+        bodies = await self.fetcher.fetch_all(remote) if remote else []
+        fetched = {param: body for (_, param), body in zip(remote, bodies)}
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.prepare, req, messages,
+                                                                urls, fetched)
 
     # -- responses -------------------------------------------------------------------------------
     def _logprobs(self, event: Event) -> list[TokenLogprobOut]:

@@ -5,15 +5,26 @@ spelling a resolver accepts, IPv6 with its embedded IPv4) and, when it is a name
 every address is checked before any connection (no loopback, private, link-local, metadata,
 multicast, reserved or tunnel ranges). The connection goes to a checked address (Host header and TLS
 SNI keep the name), the next one only when connecting fails. Redirects are followed by hand, each hop
-checked again; the body is capped while it streams in; one deadline covers the whole fetch.
+checked again; the body is read raw (a `Content-Encoding` is refused: no decompression bomb) and
+capped while it streams in.
+
+One `Deadline` covers a whole request's URLs: name resolution (on a bounded pool of its own, waited
+for no longer than the deadline), connects and reads. When it passes, every socket still open for the
+request is shut, so a server that drips a byte just inside each read timeout cannot outlast it.
+`ImageFetcher` fetches a request's URLs concurrently on a bounded pool of its own, so that requests
+without URLs never wait behind slow ones.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import ipaddress
+import logging
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,13 +32,15 @@ import httpx
 
 from .errors import APIError
 
+log = logging.getLogger(__name__)
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
     allowed_domains: tuple[str, ...] = ()  # empty: any public host
-    timeout: float = 10.0  # seconds for the whole fetch: every hop, address and byte
+    timeout: float = 10.0  # seconds for all of a request's URLs: every lookup, hop, address and byte
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 3
     allow_private: bool = False  # testing only: turns the address guard off
@@ -143,13 +156,25 @@ def _domain_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return any(host == d or host.endswith("." + d) for d in (a.lower().strip(".") for a in allowed))
 
 
-def _resolve(host: str, port: int, policy: FetchPolicy, param: str) -> list[IPAddress]:
+# getaddrinfo cannot be interrupted: it runs here, and a fetch waits for it no longer than its
+# deadline (a stuck lookup holds a thread of this pool, never a request past its deadline).
+_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="slime-dns")
+
+
+def _lookup(host: str, port: int, policy: FetchPolicy) -> list[str]:
+    if policy.resolver is not None:
+        return list(policy.resolver(host, port))  # type: ignore[operator]
+    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def _resolve(host: str, port: int, policy: FetchPolicy, deadline: "Deadline", param: str) -> list[IPAddress]:
+    future = _RESOLVERS.submit(_lookup, host, port, policy)
     try:
-        if policy.resolver is not None:
-            found = list(policy.resolver(host, port))  # type: ignore[operator]
-        else:
-            found = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+        found = future.result(timeout=deadline.remaining(param))
         addresses = [ipaddress.ip_address(a) for a in dict.fromkeys(found)]
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise _refuse(f"resolving {host!r} timed out", param, code="image_url_failed") from None
     except (OSError, UnicodeError, ValueError):  # gaierror, an unencodable name, a resolver's non-address
         addresses = []
     if not addresses:
@@ -163,7 +188,7 @@ class _Target:
     addresses: tuple[IPAddress, ...]  # all checked, in the resolver's order
 
 
-def _target(url: httpx.URL, policy: FetchPolicy, param: str) -> _Target:
+def _target(url: httpx.URL, policy: FetchPolicy, deadline: "Deadline", param: str) -> _Target:
     """Every check of one hop, in order, all before any connection."""
     if url.scheme not in ("http", "https"):
         raise _refuse(f"scheme {url.scheme!r} is not allowed for image URLs", param)
@@ -177,7 +202,7 @@ def _target(url: httpx.URL, policy: FetchPolicy, param: str) -> _Target:
     host, literal = _host(url, param)
     if not _domain_allowed(host, policy.allowed_domains):
         raise _refuse(f"host {host!r} is not in the image URL allow-list", param)
-    addresses = [literal] if literal is not None else _resolve(host, port, policy, param)
+    addresses = [literal] if literal is not None else _resolve(host, port, policy, deadline, param)
     if not all(_permitted(a, policy) for a in addresses):  # one bad address refuses the whole name
         what = "is not a public address" if literal is not None else "resolves to a non-public address"
         raise _refuse(f"image URL host {host!r} {what}", param)
@@ -185,6 +210,69 @@ def _target(url: httpx.URL, policy: FetchPolicy, param: str) -> _Target:
 
 
 # -- fetching ----------------------------------------------------------------------------------------
+def _timed_out(param: str) -> APIError:
+    return _refuse("fetching the image URL timed out", param, code="image_url_failed")
+
+
+class Deadline:
+    """One request's time for all its image URLs. When it passes, or `cancel()` gives up on the
+    request, every socket still open for it is shut down, which wakes a read blocked on it."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self.expired = False
+        self._timer = threading.Timer(max(0.0, seconds), self.cancel)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self, param: str) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0 or self.expired:
+            raise _timed_out(param)
+        return left
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets, self._sockets = list(self._sockets), set()
+        for sock in sockets:
+            _shut(sock)
+
+    def close(self) -> None:
+        """The request is done with its URLs: stop the timer."""
+        self._timer.cancel()
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.expired:
+                self._sockets.add(sock)
+                return
+        _shut(sock)
+
+    def untrack(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sockets.discard(sock)  # type: ignore[arg-type]
+
+    def tracer(self, opened: list):
+        """An httpcore `trace` extension that tracks the connection's socket once it is connected."""
+        def trace(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+                sock = info["return_value"].get_extra_info("socket")
+                if sock is not None:
+                    opened.append(sock)
+                    self.track(sock)
+        return trace
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
 def _parse(url: str, param: str, base: httpx.URL | None = None) -> httpx.URL:
     try:
         return base.join(url) if base is not None else httpx.URL(url)
@@ -192,69 +280,124 @@ def _parse(url: str, param: str, base: httpx.URL | None = None) -> httpx.URL:
         raise _invalid("malformed image URL", param) from None
 
 
-def _remaining(deadline: float, param: str) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _refuse("fetching the image URL timed out", param, code="image_url_failed")
-    return left
-
-
 def _dial_host(addr: IPAddress) -> str:
     mapped = getattr(addr, "ipv4_mapped", None)
     return str(mapped or addr)  # a mapped address is dialled as the IPv4 it stands for
 
 
-def _read_capped(r: httpx.Response, policy: FetchPolicy, deadline: float, param: str) -> bytes:
+def _read_capped(r: httpx.Response, policy: FetchPolicy, deadline: Deadline, param: str) -> bytes:
     declared = r.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > policy.max_bytes:
         raise _refuse("image at URL is too large", param, code="image_too_large")
+    # Asked for identity; a body encoded anyway would be decoded a whole network read at a time
+    # before any cap could see it (334 bytes of gzip-in-gzip make 100 MiB).
+    encoding = r.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _refuse(f"image URL sent a {encoding!r}-encoded body; only identity is accepted", param,
+                      code="image_url_failed")
     chunks, size = [], 0
-    for chunk in r.iter_bytes():  # counted as it arrives: chunked bodies declare no length
+    for chunk in r.iter_raw():  # raw bytes, counted as they arrive: chunked bodies declare no length
         size += len(chunk)
         if size > policy.max_bytes:
             raise _refuse("image at URL is too large", param, code="image_too_large")
-        _remaining(deadline, param)  # a slow drip must not outlast the deadline one read at a time
+        deadline.remaining(param)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def _get(url: httpx.URL, addr: IPAddress, target: _Target, timeout: httpx.Timeout, policy: FetchPolicy,
-         deadline: float, param: str) -> bytes | httpx.URL:
+         deadline: Deadline, param: str) -> bytes | httpx.URL:
     """One GET to one checked address: the body, or where a redirect points."""
     headers = {"Host": url.netloc.decode("ascii"), "Accept": "image/*", "Accept-Encoding": "identity"}
-    extensions = {"sni_hostname": target.host} if url.scheme == "https" else {}
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
-        with client.stream("GET", url.copy_with(host=_dial_host(addr)), headers=headers, extensions=extensions) as r:
-            if r.is_redirect:
-                return _parse(r.headers["location"], param, base=url)
-            if r.status_code != 200:
-                raise _refuse(f"image URL answered HTTP {r.status_code}", param, code="image_url_failed")
-            return _read_capped(r, policy, deadline, param)
+    opened: list[socket.socket] = []
+    extensions: dict = {"trace": deadline.tracer(opened)}
+    if url.scheme == "https":
+        extensions["sni_hostname"] = target.host
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+            with client.stream("GET", url.copy_with(host=_dial_host(addr)), headers=headers,
+                               extensions=extensions) as r:
+                if r.is_redirect:
+                    return _parse(r.headers["location"], param, base=url)
+                if r.status_code != 200:
+                    raise _refuse(f"image URL answered HTTP {r.status_code}", param, code="image_url_failed")
+                return _read_capped(r, policy, deadline, param)
+    finally:
+        for sock in opened:
+            deadline.untrack(sock)
 
 
-def _fetch_hop(url: httpx.URL, target: _Target, policy: FetchPolicy, deadline: float, param: str) -> bytes | httpx.URL:
+def _fetch_hop(url: httpx.URL, target: _Target, policy: FetchPolicy, deadline: Deadline,
+               param: str) -> bytes | httpx.URL:
     """Addresses in the resolver's order; only a failed connect moves on to the next."""
     for i, addr in enumerate(target.addresses):
-        left = _remaining(deadline, param)
+        left = deadline.remaining(param)
         timeout = httpx.Timeout(left, connect=left / (len(target.addresses) - i))  # leave time for the rest
         try:
             return _get(url, addr, target, timeout, policy, deadline, param)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             continue
-        except httpx.TimeoutException:
-            raise _refuse("fetching the image URL timed out", param, code="image_url_failed") from None
         except httpx.HTTPError as e:
+            if deadline.expired or isinstance(e, httpx.TimeoutException):  # expired: its sockets were shut
+                raise _timed_out(param) from None
             raise _refuse(f"fetching the image URL failed: {type(e).__name__}", param,
                           code="image_url_failed") from None
+    deadline.remaining(param)  # connects cut short by the deadline are a timeout
     raise _refuse(f"cannot connect to {target.host!r}", param, code="image_url_failed")
 
 
-def fetch_image(url: str, policy: FetchPolicy, *, param: str) -> bytes:
-    deadline = time.monotonic() + policy.timeout
-    current = _parse(url, param)
-    for _hop in range(policy.max_redirects + 1):
-        result = _fetch_hop(current, _target(current, policy, param), policy, deadline, param)
-        if isinstance(result, bytes):
-            return result
-        current = result
-    raise _refuse("too many redirects", param)
+def fetch_image(url: str, policy: FetchPolicy, *, param: str, deadline: Deadline | None = None) -> bytes:
+    """The body at `url` (following checked redirects), within `deadline` (default: its own, of
+    `policy.timeout` seconds)."""
+    own = deadline is None
+    deadline = Deadline(policy.timeout) if deadline is None else deadline
+    try:
+        current = _parse(url, param)
+        for _hop in range(policy.max_redirects + 1):
+            result = _fetch_hop(current, _target(current, policy, deadline, param), policy, deadline, param)
+            if isinstance(result, bytes):
+                return result
+            current = result
+        raise _refuse("too many redirects", param)
+    finally:
+        if own:
+            deadline.close()
+
+
+class ImageFetcher:
+    """Fetches the image URLs of requests on a bounded pool of its own, each request's URLs at once
+    under one deadline (`policy.timeout`): a request with URLs never holds a worker that requests
+    without them need, and 8 slow URLs cost a request one timeout, not eight."""
+
+    def __init__(self, policy: FetchPolicy, workers: int = 32):
+        self.policy = policy
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slime-fetch")
+
+    async def fetch_all(self, urls: list[tuple[str, str]]) -> list[bytes]:
+        """(url, param) pairs -> their bodies, in order; the first failure (in URL order among
+        those that failed first) fails them all and stops the rest."""
+        if not urls:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = Deadline(self.policy.timeout)
+        futures = [loop.run_in_executor(self.pool, functools.partial(fetch_image, url, self.policy, param=param,
+                                                                     deadline=deadline))
+                   for url, param in urls]
+        try:
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            return [f.result() for f in futures]
+        finally:
+            if not all(f.done() for f in futures):  # failed, or the client went away: stop the others
+                deadline.cancel()
+                for f in futures:
+                    f.cancel()
+            deadline.close()
+            for f in futures:  # the exceptions of the others are not news
+                if f.done() and not f.cancelled():
+                    f.exception()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -24,6 +24,11 @@ _OPEN_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_IMAGE_SIDE = 65535
 
 
+def is_remote(url: str) -> bool:
+    """An http(s) URL (fetched over the network, when allowed)."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
 def image_bytes(url: str, *, param: str, policy: FetchPolicy | None) -> bytes:
     """A `data:` URL always; `http(s)` only with a fetch policy; anything else is refused."""
     lowered = url[:16].lower()

@@ -1,6 +1,8 @@
 """Request preparation: an OpenAI chat request -> prompt token ids, prepared images and sampling
-parameters, i.e. the engine requests to submit. Runs in a worker thread (image decoding, slicing
-and tokenising are CPU work that must stay off the event loop)."""
+parameters, i.e. the engine requests to submit. `messages` (checks only) runs anywhere; `prepare`
+runs in a worker thread (image decoding, slicing and tokenising are CPU work that must stay off the
+event loop) once the request's image URLs were fetched (`fetch.ImageFetcher`: network waits never
+hold a preparation worker)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from model.templates import Message, build_prompt
 from .engine.types import CachedImage, EngineRequest, ModelInfo
 from .errors import APIError, bad_request
 from .fetch import FetchPolicy
-from .media import image_bytes, open_image
+from .media import image_bytes, is_remote, open_image
 from .protocol import ChatCompletionRequest
 from .settings import Settings
 from .structured import grammar_for, tool_call_turn, tool_result_turn, tools_prompt
@@ -42,9 +44,6 @@ class RequestPreparer:
         self._grammars = None  # model.grammar.GrammarCompiler, built at the first structured request
         self._grammars_lock = threading.Lock()
         self.template = info.template if settings.chat_template == "auto" else settings.chat_template
-        self.fetch_policy = FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout,
-                                        settings.max_request_bytes, settings.image_url_max_redirects,
-                                        settings.image_url_allow_private) if settings.allow_image_urls else None
 
     def messages(self, req: ChatCompletionRequest) -> tuple[list[Message], list[tuple[str, str]]]:
         if len(req.messages) > self.settings.max_messages:
@@ -93,12 +92,14 @@ class RequestPreparer:
                               param="messages", code="too_many_images")
         return messages, urls
 
-    def prepare(self, req: ChatCompletionRequest) -> Prepared:
-        messages, urls = self.messages(req)
+    def prepare(self, req: ChatCompletionRequest, messages: list[Message], urls: list[tuple[str, str]],
+                fetched: dict[str, bytes]) -> Prepared:
+        """`messages` and `urls` from `messages(req)`; `fetched`: the bodies of its http(s) image
+        URLs by param (none fetched: URLs are disabled)."""
         t0 = time.perf_counter()
         images = []
         for url, param in urls:
-            data = image_bytes(url, param=param, policy=self.fetch_policy)
+            data = fetched[param] if is_remote(url) and param in fetched else image_bytes(url, param=param, policy=None)
             digest = hashlib.blake2b(data, digest_size=16).hexdigest()
             cached = self.cached_image(digest)
             if self.metrics and self.settings.vision_cache_mb:
@@ -160,6 +161,11 @@ class RequestPreparer:
         return spec
 
     @staticmethod
+    def remote_urls(urls: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (url, param) pairs to fetch over the network."""
+        return [(u, p) for u, p in urls if is_remote(u)]
+
+    @staticmethod
     def engine_requests(req: ChatCompletionRequest, cid: str, prepared: Prepared,
                         params: SamplingParams) -> list[EngineRequest]:
         """One engine request per choice; choice i of a seeded request draws with seed + i."""
@@ -168,3 +174,11 @@ class RequestPreparer:
                               prepared.max_prompt_tokens, slime_selection=req.slime_selection,
                               group=cid if req.n > 1 else None)
                 for i in range(req.n)]
+
+
+def fetch_policy(settings: Settings) -> FetchPolicy | None:
+    """How image URLs are fetched (None: they are refused)."""
+    if not settings.allow_image_urls:
+        return None
+    return FetchPolicy(tuple(settings.image_url_domains), settings.image_url_timeout, settings.max_request_bytes,
+                       settings.image_url_max_redirects, settings.image_url_allow_private)

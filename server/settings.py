@@ -66,7 +66,10 @@ class Settings(BaseSettings):
     # image URLs (off: data: URLs only)
     allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (SSRF-guarded)")
     image_url_domains: StrList = Field(default_factory=list, description="allow-list (empty: any public host)")
-    image_url_timeout: float = Field(10.0, gt=0, description="seconds per image fetch")
+    image_url_timeout: float = Field(10.0, gt=0, description="seconds for all of a request's image URLs (fetched "
+                                     "at once): lookups, connects and reads")
+    image_url_workers: int = Field(32, ge=1, le=1024, description="image URLs fetched at once, over all requests "
+                                   "(a pool apart from request preparation)")
     image_url_max_redirects: int = Field(3, ge=0, le=10, description="redirect hops, each re-checked")
     image_url_allow_private: bool = Field(False, description="testing only: lets private addresses through")
     # access

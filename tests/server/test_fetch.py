@@ -6,6 +6,8 @@ loopback only, and the one table that uses the system resolver runs in a private
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import http.server
 import ipaddress
 import json
@@ -22,7 +24,7 @@ import httpx
 import pytest
 
 from server.errors import APIError
-from server.fetch import FetchPolicy, address_allowed, fetch_image, ipv4_literal
+from server.fetch import FetchPolicy, ImageFetcher, address_allowed, fetch_image, ipv4_literal
 from server.settings import Settings
 from tests.live import ROOT, LiveServer, image_message
 from tests.tools import missing_tool
@@ -307,7 +309,9 @@ def test_refusals_hold_with_the_system_resolver_in_a_private_network_namespace()
 class Target:
     """A loopback HTTP/1.1 server. Routes: /png, /hop/N (redirects on to N+1 until `ok_after`, then
     /png), /to?<url> (redirects there), /chunked/N (N bytes chunked, no length; -1: endless),
-    /drip (one byte every 50 ms). Records (path, Host header) per request."""
+    /drip (one byte every 50 ms), /gap/S (one byte every S seconds), /encoded/E (`body` sent with
+    Content-Encoding E: gzip, or "gzip, gzip", compressed that many times). Records (path, Host
+    header) per request."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, body: bytes = b"\x89PNG-image", ok_after: int = 10**9):
         outer = self
@@ -327,7 +331,10 @@ class Target:
             def log_message(self, *a):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 64  # many URLs connect at once
+
+        self.httpd = Server((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -348,13 +355,23 @@ class Target:
             return self.chunked(h, int(h.path.rsplit("/", 1)[1]), 8192, 0.0)
         if h.path == "/drip":
             return self.chunked(h, -1, 1, 0.05)
+        if h.path.startswith("/gap/"):
+            return self.chunked(h, -1, 1, float(h.path.rsplit("/", 1)[1]))
+        if h.path.startswith("/encoded/"):
+            encoding = unquote(h.path.rsplit("/", 1)[1])
+            data = body
+            for _ in encoding.split(",") if encoding != "identity" else ():
+                data = gzip.compress(data)
+            return self.send(h, 200, data, headers={"Content-Encoding": encoding})
         self.send(h, 404)
 
     @staticmethod
-    def send(h, status: int, body: bytes = b"", location: str | None = None) -> None:
+    def send(h, status: int, body: bytes = b"", location: str | None = None, headers: dict | None = None) -> None:
         h.send_response(status)
         if location:
             h.send_header("Location", location)
+        for name, value in (headers or {}).items():
+            h.send_header(name, value)
         h.send_header("Content-Type", "image/png")
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
@@ -366,7 +383,7 @@ class Target:
         h.send_header("Content-Type", "image/png")
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
-        sent, give_up = 0, time.monotonic() + 10
+        sent, give_up = 0, time.monotonic() + 20
         while (total < 0 or sent < total) and not self.stop.is_set() and time.monotonic() < give_up:
             n = size if total < 0 else min(size, total - sent)
             h.wfile.write(b"%x\r\n%s\r\n" % (n, b"x" * n))
@@ -548,6 +565,83 @@ def test_all_addresses_failing_is_image_url_failed(target, audit):
     assert target.requests == []
 
 
+# -- compressed bodies, deadlines ------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip"])
+def test_an_encoded_body_is_refused_without_decoding_it(target, encoding):
+    """The fetch asks for identity; a body sent encoded anyway is refused, however small it would be."""
+    err = refused(target.url("/encoded/" + quote(encoding)), policy())
+    assert err.code == "image_url_failed" and "encoded" in err.message
+    assert fetch_image(target.url("/encoded/identity"), policy(), param=PARAM) == b"\x89PNG-image"
+
+
+def test_a_decompression_bomb_is_never_inflated():
+    """50 MiB of zeros in gzip-in-gzip is ~200 bytes on the wire: decoding it whole before the cap saw
+    it took 50 MiB at once; raw reading never holds more than the wire bytes."""
+    import tracemalloc
+
+    target = Target(body=bytes(50 << 20))
+    try:
+        tracemalloc.start()
+        err = refused(target.url("/encoded/" + quote("gzip, gzip")), policy(max_bytes=1 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        target.close()
+    assert err.code == "image_url_failed"
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB allocated while refusing"
+
+
+def test_a_byte_just_inside_each_read_timeout_cannot_outlast_the_deadline(target):
+    """Every gap (0.7 s) is under the read timeout the fetch started with (1 s): the deadline shuts the
+    socket at 1 s instead of the next read running to 1.4 s."""
+    t0 = time.monotonic()
+    err = refused(target.url("/gap/0.7"), policy(timeout=1.0))
+    elapsed = time.monotonic() - t0
+    assert err.code == "image_url_failed" and "timed out" in err.message
+    assert elapsed < 1.25, elapsed
+
+
+def test_a_slow_resolver_is_bounded_by_the_deadline():
+    def slow(host, port):
+        time.sleep(3)
+        return ["127.0.0.1"]
+
+    t0 = time.monotonic()
+    err = refused("http://slow-dns.example/png", policy(timeout=0.5, resolver=slow))
+    assert err.code == "image_url_failed" and "timed out" in err.message
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_requests_urls_are_fetched_at_once_under_one_deadline(target):
+    """8 slow URLs cost one timeout, not 8; a fast one among them still comes back first in order."""
+    fetcher = ImageFetcher(policy(timeout=1.0), workers=16)
+    urls = [(target.url("/png"), "p0")] + [(target.url("/drip"), f"p{i}") for i in range(1, 9)]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(APIError) as info:
+            asyncio.run(fetcher.fetch_all(urls))
+        elapsed = time.monotonic() - t0
+        assert info.value.code == "image_url_failed" and "timed out" in info.value.message
+        assert elapsed < 1.6, elapsed
+        assert sorted(target.paths) == sorted(["/png"] + ["/drip"] * 8)  # all 9 were in flight together
+        good = asyncio.run(fetcher.fetch_all([(target.url("/png"), "a"), (target.url("/chunked/10"), "b")]))
+        assert good == [b"\x89PNG-image", b"x" * 10]
+    finally:
+        fetcher.close()
+
+
+def test_the_first_failure_stops_the_requests_other_fetches(target):
+    fetcher = ImageFetcher(policy(timeout=5.0))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(APIError) as info:
+            asyncio.run(fetcher.fetch_all([(target.url("/drip"), "a"), (target.url("/missing"), "b")]))
+        assert info.value.param == "b" and "404" in info.value.message
+        assert time.monotonic() - t0 < 1.0  # not the drip's 5 s
+    finally:
+        fetcher.close()
+
+
 # -- through the HTTP server -----------------------------------------------------------------------------
 def test_server_answers_refusals_as_openai_400s(tiny_dir, target):
     s = LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True)).start()
@@ -562,5 +656,38 @@ def test_server_answers_refusals_as_openai_400s(tiny_dir, target):
             assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
                                           "param": PARAM, "code": code}}
         assert target.requests == []
+    finally:
+        s.stop()
+
+
+def test_slow_image_urls_never_hold_up_requests_without_them(tiny_dir, target):
+    """Two requests with 8 slow URLs each (a byte every 50 ms, never done): each fails after one
+    timeout, and a text-only request sent meanwhile is answered at once (URL fetching has a pool of
+    its own; preparation workers never wait on the network)."""
+    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True, image_url_allow_private=True,
+                            image_url_timeout=2.0)).start()
+    slow = {"model": "tiny", "max_tokens": 2, "messages": [image_message("x", *[target.url("/drip")] * 8)]}
+    text = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+            t0 = time.monotonic()
+            slow_calls = [asyncio.create_task(client.post("/v1/chat/completions", json=slow)) for _ in range(2)]
+            while len(target.paths) < 16 and time.monotonic() - t0 < 2:
+                await asyncio.sleep(0.02)
+            t1 = time.monotonic()
+            r = await client.post("/v1/chat/completions", json=text)
+            text_seconds = time.monotonic() - t1
+            answers = await asyncio.gather(*slow_calls)
+            return r, text_seconds, answers, time.monotonic() - t0
+
+    try:
+        r, text_seconds, answers, total = asyncio.run(run())
+        assert r.status_code == 200, r.text
+        assert text_seconds < 1.0, text_seconds
+        assert len(target.paths) == 16  # every URL of both requests was in flight at once
+        for a in answers:
+            assert a.status_code == 400 and a.json()["error"]["code"] == "image_url_failed", a.text
+        assert total < 3.5, total  # one 2 s deadline per request, not 8
     finally:
         s.stop()
