@@ -156,11 +156,19 @@ class ChatService:
                             finish_reason=finish)
             return choice, prompt, completion, images
 
+        tasks = [asyncio.create_task(collect(i, s)) for i, s in enumerate(streams)]
         try:
-            results = await asyncio.gather(*(collect(i, s) for i, s in enumerate(streams)))
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in tasks if t.done() and t.exception() is not None]
+            if failed:  # one choice failed: the request did; the others stop (their requests abort)
+                raise failed[0].exception()  # type: ignore[misc]
+            results = [t.result() for t in tasks]
         finally:
+            for t in tasks:
+                t.cancel()
             for s in streams:
                 await s.aclose()
+            await asyncio.gather(*tasks, return_exceptions=True)
         prompt = results[0][1]
         completion = sum(r[2] for r in results)
         body = ChatCompletion(id=cid, object="chat.completion", created=created, model=self.model_name,

@@ -7,10 +7,12 @@ from typing import Callable
 
 from .types import Event
 
+_CLOSED = object()  # wakes a reader blocked on the queue when the stream is closed under it
+
 
 class RequestStream:
     """Async iterator over one request's events; `aclose()` (or garbage collection) before the
-    final event aborts the request."""
+    final event aborts the request and ends the iteration of any reader waiting on it."""
 
     def __init__(self, request_id: str, on_close: Callable[[str, bool], None]):
         self.request_id = request_id
@@ -25,7 +27,9 @@ class RequestStream:
     async def __anext__(self) -> Event:
         if self._closed:
             raise StopAsyncIteration
-        event: Event = await self.queue.get()
+        event = await self.queue.get()
+        if event is _CLOSED:
+            raise StopAsyncIteration
         if event.finish_reason is not None:
             self._close(finished=True)
         return event
@@ -36,7 +40,9 @@ class RequestStream:
             self._on_close(self.request_id, finished)
 
     async def aclose(self) -> None:
-        self._close()
+        if not self._closed:
+            self._close()
+            self.queue.put_nowait(_CLOSED)  # on the loop: a reader blocked in __anext__ wakes and stops
 
     def __del__(self) -> None:
         self._close()
