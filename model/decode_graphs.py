@@ -17,10 +17,14 @@ eagerly, which is what the CPU tests check against `LlamaForCausalLM.decode`.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .kv_cache import NULL_BLOCK, KVCache
 from .llm import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -54,6 +58,9 @@ class DecodeGraphs:
         # own allocations can all come from, and be reused within, one shared memory pool.
         self.logits = torch.zeros(n, llm.cfg.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Shapes whose capture failed while serving: they run eagerly from then on (a capture
+        # failure is the graph's, never the batch's; it is not retried on every call).
+        self.eager_shapes: set[tuple[int, int]] = set()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         llm.rope_tables(self.max_len, self.device)  # built now, never inside a capture
 
@@ -99,14 +106,25 @@ class DecodeGraphs:
         pad = nb - b
         self._inputs[:, :nb].copy_(torch.tensor([ids + [0] * pad, positions + [0] * pad]))
         self.tables[:nb].copy_(self.cache.tables(list(tables) + [[]] * pad, self.max_len))
-        if not self.use_graphs:
+        graph = self._graph(nb, span) if self.use_graphs else None
+        if graph is None:
             self._step(nb, span)
         else:
-            graph = self._graphs.get((nb, span))
-            if graph is None:
-                graph = self._capture(nb, span)
             graph.replay()
         return self.logits[:b]
+
+    def _graph(self, nb: int, span: int) -> torch.cuda.CUDAGraph | None:
+        """The shape's graph, captured now if it is new; None where capturing it failed."""
+        graph = self._graphs.get((nb, span))
+        if graph is not None or (nb, span) in self.eager_shapes:
+            return graph
+        try:
+            return self._capture(nb, span)
+        except Exception:  # noqa: BLE001 - e.g. out of memory for the graph's pool: run it eagerly
+            log.exception("capturing the decode graph for batch %d, span %d failed: that shape runs eagerly",
+                          nb, span)
+            self.eager_shapes.add((nb, span))
+            return None
 
     def _step(self, nb: int, span: int) -> None:
         cols = span // self.cache.block_size
@@ -114,19 +132,22 @@ class DecodeGraphs:
                                                       self.cache))
 
     def _capture(self, nb: int, span: int) -> torch.cuda.CUDAGraph:
-        # Warm-up and capture write K/V: point every row at the null block meanwhile.
+        # Warm-up and capture write K/V: point every row at the null block meanwhile (and the
+        # live tables back in place however the capture ends).
         live = self.tables[:nb].clone()
         self.tables[:nb] = NULL_BLOCK
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # lets lazy initialisation (cuBLAS workspaces, ...) happen outside the graph
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # lets lazy initialisation (cuBLAS workspaces, ...) happen outside the graph
+                    self._step(nb, span)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the vision thread may use the GPU while the engine thread captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._step(nb, span)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the vision thread may use the GPU while the engine thread captures
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._step(nb, span)
-        self.tables[:nb] = live
+        finally:
+            self.tables[:nb] = live
         self._graphs[(nb, span)] = graph
         return graph

@@ -73,3 +73,75 @@ def test_shapes_cover_every_batch_and_position(tiny_lm):
         for p in range(300):
             assert (graphs.bucket(b), graphs.span([p] * b)) in shapes
     assert graphs.capture_all() == 0  # nothing to capture without CUDA graphs
+
+
+def _failing_capture(monkeypatch, graphs: DecodeGraphs) -> list:
+    """Make `graphs` capture on the CPU: the real capture runs (tables pointed at the null block) and
+    fails where it first needs CUDA, as a capture failing for want of memory would."""
+    calls = []
+    real = graphs._capture
+
+    def capture(nb, span):
+        calls.append((nb, span))
+        return real(nb, span)
+
+    graphs.use_graphs = True
+    monkeypatch.setattr(graphs, "_capture", capture)
+    return calls
+
+
+def test_a_failed_capture_runs_that_shape_eagerly_and_is_not_retried(tiny_lm, monkeypatch):
+    llm, cfg = tiny_lm.model.llm, tiny_lm.cfg
+    lengths = [40, 90]
+    cache_a = _prefilled(llm, cfg.hidden_size, lengths, 4, 320)
+    cache_b = _prefilled(llm, cfg.hidden_size, lengths, 4, 320)
+    tables = [cache_b.slot_table(i) for i in range(2)]
+    graphs = DecodeGraphs(llm, cache_b, max_batch=4, max_len=320, span_block=128)
+    calls = _failing_capture(monkeypatch, graphs)
+    ids, positions = [5, 6], list(lengths)
+    for _ in range(3):
+        eager = llm.logits(llm.decode(llm.embed(torch.tensor(ids)), positions, cache_a))
+        static = graphs(ids, positions, tables)  # before: the capture's error was the forward's
+        assert torch.allclose(static, eager, atol=1e-4)
+        ids, positions = eager.argmax(-1).tolist(), [p + 1 for p in positions]
+    assert calls == [(2, 128)]  # once for the shape, then eager
+    assert graphs.eager_shapes == {(2, 128)} and graphs.num_graphs == 0
+
+
+def test_a_capture_failing_while_serving_blames_no_request(tiny_lm, monkeypatch):
+    """The engine's batch moves into a shape whose capture fails: every request completes as it
+    would have, nobody is bisected as a culprit, and the engine keeps its health."""
+    import asyncio
+
+    from model.sampling import SamplingParams
+    from server.engine.engine import Engine
+    from server.engine.runner import ModelRunner
+    from server.engine.types import EngineRequest
+
+    runner = ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256)
+    prompts = [[1] + [(7 * i + j) % 200 + 5 for j in range(12)] for i in range(3)]
+
+    def run(engine):
+        async def main():
+            streams = [engine.submit(EngineRequest(f"r{i}", p, [], SamplingParams(max_tokens=6, temperature=0,
+                                                                                 ignore_eos=True), len(p)))
+                       for i, p in enumerate(prompts)]
+
+            async def collect(stream):
+                events = [ev async for ev in stream]
+                assert events[-1].error is None, events[-1].error
+                return [t for ev in events for t in ev.token_ids]
+
+            return await asyncio.gather(*(collect(s) for s in streams))
+        return asyncio.run(main())
+
+    engine = Engine(runner)
+    engine.start()
+    try:
+        expected = run(engine)
+        runner.graphs = DecodeGraphs(runner.llm, runner.cache, max_batch=4, max_len=256, use_graphs=False)
+        calls = _failing_capture(monkeypatch, runner.graphs)
+        assert run(engine) == expected
+        assert calls and engine.alive and engine.executor.failed_steps == 0
+    finally:
+        engine.stop()
