@@ -97,6 +97,14 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
+    def forget(self, blocks: Iterable[int]) -> None:
+        """Drop the keys of blocks in use (no later prefix will find them): once released they
+        are free, not cached."""
+        for block in blocks:
+            key = self._key_of.pop(block, None)
+            if key is not None:
+                del self._by_key[key]
+
     def refs(self, block: int) -> int:
         return self._ref[block]
 

@@ -68,11 +68,13 @@ class SequenceState:
         """The generated token fed at `position` (>= prompt_len)."""
         return self.output_ids[position - self.prompt_len]
 
-    def position_key(self, position: int) -> PositionKey:
+    def position_key(self, position: int, private: bool = False) -> PositionKey:
         """What was fed at `position`. Generated tokens are keyed apart from prompt tokens: decode
-        computes their K/V, prefill a prompt's, and the two need not agree to the last bit."""
+        computes their K/V, prefill a prompt's, and the two need not agree to the last bit.
+        `private`: keyed for this sequence alone (its own K/V, found again after a preemption)."""
         if position >= self.prompt_len:
-            return ("gen", self.token_at(position))
+            token = self.token_at(position)
+            return ("gen", self.request.request_id, token) if private else ("gen", token)
         return None if self.position_keys is None else self.position_keys[position]
 
 
@@ -94,9 +96,20 @@ class StepPlan:
 class Scheduler:
     """At most `max_batch_size` sequences run at once, within the blocks of `pool`. A request is
     admitted with blocks to spare (one per decoding sequence, for their next writes); when a
-    decoding sequence needs a block and none is free, the newest running sequences are preempted:
-    their blocks are released (the full ones stay cached) and they wait at the head of the queue,
-    to be computed again, keeping every token they produced."""
+    decoding sequence needs a block and none is free, running sequences are preempted: their
+    blocks are released (the full ones stay cached) and they wait at the head of the queue, to be
+    computed again, keeping every token they produced.
+
+    Preemption policy (progress under sustained memory pressure):
+    - the victim is the sequence admitted last *for the first time*: a preempted sequence keeps its
+      place when it comes back, so a sequence admitted after it is preempted before it, and the
+      oldest running sequence is never preempted for another (it always progresses);
+    - a preempted sequence comes back only when the blocks for everything it had (prompt and
+      generated positions) are free beside one per decoding sequence, so that it is not let in
+      only to be preempted again before it catches up;
+    - its full blocks stay cached, generated ones included (keyed for it alone where decode is
+      not batch-invariant, see `key_generated`): back, it reuses what was not evicted meanwhile
+      instead of replaying it."""
 
     def __init__(self, *, max_batch_size: int, pool: BlockPool, prefill_chunk: int = 512,
                  key_generated: bool = True):
@@ -107,9 +120,11 @@ class Scheduler:
         self.pool = pool
         self.block_size = pool.block_size
         self.prefill_chunk = prefill_chunk
-        # Key blocks holding generated tokens (a preempted sequence then finds its own decoded
-        # positions): only where decode is batch-invariant, i.e. a position's K/V depends on
-        # nothing but what precedes it (CPU float32). Elsewhere they are computed again.
+        # Blocks holding generated tokens are keyed, so that a preempted sequence finds its own
+        # decoded positions again. Shared with other sequences (same prompt, same tokens) only
+        # where decode is batch-invariant, i.e. a position's K/V depends on nothing but what
+        # precedes it (CPU float32); elsewhere keyed for their sequence alone and forgotten when
+        # it ends (no one else could use them).
         self.key_generated = key_generated
         self._copies: list[tuple[int, int]] = []  # this step's copies on write
         self.waiting: deque[SequenceState] = deque()
@@ -170,10 +185,13 @@ class Scheduler:
             return None
         seq = self.waiting[0]
         first_chunk = min(seq.prompt_left, budget) if seq.prompt_left else 1
-        if self.pool.num_free < self._blocks_for(first_chunk) + len(self.decoding):
+        # preempted: room to get back to where it was (see the preemption policy)
+        need = self._blocks_for(seq.ready + 1 if seq.preemptions else first_chunk)
+        if self.pool.num_free < need + len(self.decoding):
             return None  # wait for blocks
         self.waiting.popleft()
-        seq.order = next(self._order)
+        if not seq.preemptions:  # back from a preemption, it keeps its place
+            seq.order = next(self._order)
         if seq.begun:  # preempted earlier: its cached blocks may still be there
             self.match_prefix(seq)
             if seq.computed >= seq.prompt_len:
@@ -263,10 +281,9 @@ class Scheduler:
         bs = self.block_size
         while len(seq.block_keys) < blocks:
             i = len(seq.block_keys)
-            if not self.key_generated and (i + 1) * bs > seq.prompt_len:
-                return
+            private = not self.key_generated
             key = block_key(seq.block_keys[-1] if i else b"",
-                            [seq.position_key(p) for p in range(i * bs, (i + 1) * bs)])
+                            [seq.position_key(p, private) for p in range(i * bs, (i + 1) * bs)])
             if key is None:  # an unidentified position: no later block is shared either
                 return
             seq.block_keys.append(key)
@@ -307,6 +324,8 @@ class Scheduler:
             return
         if seq not in self.decoding and seq not in self.prefilling:
             raise RuntimeError(f"{seq.request.request_id} is not running (released twice?)")
+        if not self.key_generated:  # its privately keyed blocks: no one else can use them
+            self.pool.forget(seq.blocks[seq.prompt_len // self.block_size:])
         self._leave(seq)
 
     def _leave(self, seq: SequenceState) -> None:

@@ -295,15 +295,88 @@ def test_a_prompt_preempted_mid_prefill_is_counted_once_in_the_prefix_metrics():
     assert sched.prefix_queried == 300 and sched.prefix_hits == 0
 
 
-def test_without_batch_invariant_decode_generated_blocks_are_not_keyed():
+def test_without_batch_invariant_decode_generated_blocks_are_private_to_their_sequence():
+    """Where decode is not batch-invariant another sequence must not read a sequence's decoded
+    K/V; the sequence itself may (they are its own numbers), and does after a preemption."""
     for key_generated in (True, False):
         sched = Scheduler(max_batch_size=4, pool=BlockPool(100, 16), prefill_chunk=16, key_generated=key_generated)
-        sched.add(_req(0, 20))
+        sched.add(_req(0, 20, [7] * 20))
         _admit_fully(sched, sched.schedule(512))
-        seq = sched.decoding[0]
+        first = sched.decoding[0]
         for _ in range(40):
             _decode(sched, sched.schedule(512).decodes)
-        assert len(seq.block_keys) == (3 if key_generated else 1)  # 60 positions: 3 full blocks, 1 of prompt
+        assert len(first.block_keys) == 3  # 60 positions: 3 full blocks, 1 of prompt, 2 generated
+        # the same prompt and the same tokens in another sequence
+        sched.add(_req(1, 20, [7] * 20))
+        _admit_fully(sched, sched.schedule(512))
+        twin = sched.decoding[1]
+        for _ in range(40):
+            _decode(sched, sched.schedule(512).decodes)
+        own = list(twin.blocks)
+        sched.preempt(twin)  # back, it looks its positions up again
+        sched.schedule(512)
+        assert twin in sched.decoding and twin.computed == 48
+        shared = set(first.blocks) & set(twin.blocks)
+        assert len(shared) == (3 if key_generated else 1)  # privately keyed generated blocks are not shared
+        assert key_generated or twin.blocks[:3] == own[:3]  # ... but found again by their own sequence
+        cached = sched.pool.num_cached
+        sched.remove(twin)
+        # a finished sequence's private blocks are forgotten (free, not cached: no one can use them)
+        assert sched.pool.num_cached == (cached if key_generated else cached - 2)
+
+
+@pytest.mark.parametrize("key_generated", [True, False])
+def test_a_preempted_sequence_reuses_its_own_decoded_blocks_instead_of_replaying(key_generated):
+    sched = Scheduler(max_batch_size=4, pool=BlockPool(100, 16), prefill_chunk=16, key_generated=key_generated)
+    sched.add(_req(0, 20))
+    _admit_fully(sched, sched.schedule(512))
+    seq = sched.decoding[0]
+    for _ in range(50):  # 70 positions: 4 full blocks
+        _decode(sched, sched.schedule(512).decodes)
+    sched.preempt(seq)
+    plan = sched.schedule(512)
+    assert seq in sched.decoding and plan.prefills == []  # nothing of its prompt to compute
+    assert seq.computed == 64  # its 4 full blocks found again; before, without batch invariance: 16
+    replays = 0
+    while seq.replaying:
+        _decode(sched, sched.schedule(512).decodes)
+        replays += 1
+    assert replays == 70 - 64 - 1 + 1  # positions 64..69: the partly filled block's, fed again
+
+
+@pytest.mark.parametrize("key_generated", [True, False])
+def test_sustained_memory_pressure_preempts_no_sequence_over_and_over(key_generated):
+    """150 requests with long answers arrive faster than 80 blocks can hold. Every one finishes, and
+    none is preempted more than a few times: a sequence that comes back keeps its place among the
+    victims and returns only with room to catch up. Before, one let back in with a chunk's room
+    became the newest and so the next victim: up to 36 preemptions of one sequence."""
+    rng = random.Random(0)
+    sched = Scheduler(max_batch_size=16, pool=BlockPool(81, 16), prefill_chunk=16, key_generated=key_generated)
+    wanted, done, arrived = {}, [], 0
+    for _ in range(20_000):
+        if arrived < 150 and rng.random() < 0.1:
+            req = _req(arrived, rng.randrange(20, 120))
+            wanted[req.request_id] = rng.randrange(50, 300)
+            sched.add(req)
+            arrived += 1
+        plan = sched.schedule(64)
+        budget = 64
+        for seq in plan.prefills:
+            ran = _prefill(sched, seq, budget)
+            budget -= ran
+            if budget <= 0 or ran == 0:
+                break
+        _decode(sched, plan.decodes)
+        for seq in list(sched.decoding):
+            if len(seq.output_ids) >= wanted[seq.request.request_id]:
+                sched.remove(seq)
+                done.append(seq)
+        if arrived == 150 and not sched.has_work:
+            break
+    assert len(done) == 150
+    preemptions = [s.preemptions for s in done]
+    assert sum(preemptions) > 100  # the pressure was real
+    assert max(preemptions) <= 5, sorted(preemptions)[-5:]
 
 
 def test_dropping_a_waiting_request():
