@@ -28,7 +28,9 @@ class GrammarError(ValueError):
 
 
 class GrammarCompiler:
-    """Validates specs for one tokenizer (thread-safe, LRU-cached) and makes per-sequence matchers."""
+    """Validates specs for one tokenizer (thread-safe, LRU-cached) and makes per-sequence matchers.
+    A spec is compiled once: a thread asking for one another thread is compiling waits for it.
+    Compiling releases the GIL (llguidance's work is in Rust): it can run beside the engine."""
 
     def __init__(self, tokenizer, vocab_size: int, max_cached: int = 256):
         import llguidance
@@ -40,15 +42,30 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, object] = OrderedDict()  # spec -> a fresh matcher to copy
         self._max = max_cached
         self._lock = threading.Lock()
+        self._compiling: dict[GrammarSpec, threading.Event] = {}
+        self.compiled = 0  # specs compiled (not cache hits): what "once per process" is checked by
 
     def compile(self, spec: GrammarSpec):
         """A matcher at the start of the spec's grammar (cached; copy it, never advance it);
         raises GrammarError."""
-        with self._lock:
-            hit = self._cache.get(spec)
-            if hit is not None:
-                self._cache.move_to_end(spec)
-                return hit
+        while True:
+            with self._lock:
+                hit = self._cache.get(spec)
+                if hit is not None:
+                    self._cache.move_to_end(spec)
+                    return hit
+                busy = self._compiling.get(spec)
+                if busy is None:
+                    self._compiling[spec] = threading.Event()
+                    break
+            busy.wait()  # then a hit, or (it failed) compile it here to raise the same error
+        try:
+            return self._compile(spec)
+        finally:
+            with self._lock:
+                self._compiling.pop(spec).set()
+
+    def _compile(self, spec: GrammarSpec):
         kind, text = spec
         if kind == "json_object":
             schema: object = {"type": "object"}
@@ -67,6 +84,7 @@ class GrammarCompiler:
             raise GrammarError(error[:500])
         template = self._ll.LLMatcher(self._tokenizer, grammar)  # lexer and parser built once, here
         with self._lock:
+            self.compiled += 1
             self._cache[spec] = template
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
@@ -74,6 +92,27 @@ class GrammarCompiler:
 
     def matcher(self, spec: GrammarSpec) -> "Matcher":
         return Matcher(self.compile(spec).deep_copy())
+
+    def warm_up(self) -> None:
+        """Compile a grammar and mask one row with it: everything the first structured request
+        would set up happens now, before serving."""
+        logits = torch.zeros(1, self.vocab_size)
+        apply_masks(logits, [self.matcher(("json_object", ""))])
+
+
+_SHARED: dict[tuple[int, int], tuple[object, GrammarCompiler]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_compiler(tokenizer, vocab_size: int) -> GrammarCompiler:
+    """This process's compiler for `tokenizer`: the API side (validating a request's schema) and
+    the engine (its sequences' matchers) share it, so a schema is compiled once per process."""
+    key = (id(tokenizer), vocab_size)
+    with _SHARED_LOCK:
+        entry = _SHARED.get(key)
+        if entry is None or entry[0] is not tokenizer:
+            entry = _SHARED[key] = (tokenizer, GrammarCompiler(tokenizer, vocab_size))
+        return entry[1]
 
 
 class Matcher:
@@ -83,9 +122,11 @@ class Matcher:
         self._m = matcher
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        import llguidance.torch
-
-        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+        """Row `row` of a contiguous int32 CPU bitmask `[B, ceil(V/32)]`: the tokens allowed next.
+        Written by llguidance directly (its `llguidance.torch` helpers import torch.compile's
+        machinery, seconds of import that would stall the engine thread at the first mask)."""
+        words = bitmask[row]
+        self._m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
     def accept(self, token: int) -> bool:
         return bool(self._m.consume_token(token)) and not self._m.is_error()
@@ -100,10 +141,10 @@ def apply_masks(logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.T
     (unconstrained rows keep an all-allowed mask: untouched). Returns `logits` (modified in place)."""
     if all(m is None for m in matchers):
         return logits
-    import llguidance.torch
-
     vocab = logits.shape[-1]
-    bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab)  # [B, ceil(V/32)] int32
+    # [B, ceil(V/32)] int32, all allowed; pinned where the words go on to a GPU
+    bitmask = torch.full((len(matchers), -(-vocab // 32)), -1, dtype=torch.int32,
+                         pin_memory=logits.device.type == "cuda")
     for i, m in enumerate(matchers):
         if m is not None:
             m.fill(bitmask, i)

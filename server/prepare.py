@@ -41,7 +41,7 @@ class RequestPreparer:
         self.info = info
         self.cached_image = cached_image  # the engine's vision-cache lookup (pins a hit)
         self.metrics = metrics
-        self._grammars = None  # model.grammar.GrammarCompiler, built at the first structured request
+        self._grammars = None  # model.grammar.GrammarCompiler (the engine's, in one process), at first use
         self._grammars_lock = threading.Lock()
         self.template = info.template if settings.chat_template == "auto" else settings.chat_template
 
@@ -151,9 +151,9 @@ class RequestPreparer:
             return None
         with self._grammars_lock:
             if self._grammars is None:
-                from model.grammar import GrammarCompiler
+                from model.grammar import shared_compiler
 
-                self._grammars = GrammarCompiler(self.info.tokenizer, self.info.cfg.vocab_size)
+                self._grammars = shared_compiler(self.info.tokenizer, self.info.cfg.vocab_size)
         try:
             self._grammars.compile(spec)
         except GrammarError as e:

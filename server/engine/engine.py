@@ -130,6 +130,7 @@ class Engine:
         """Hand a request to the engine; its events go to `deliver`."""
         if not self._alive:
             raise EngineDead("the engine is not running")
+        self.runner.compile_grammar(request)  # here, not on the engine thread
         self._detached.add(request.request_id)
         self._inbox.put(_Add(request))
 

@@ -13,7 +13,7 @@ from model.decode_graphs import DecodeGraphs
 from model.kv_cache import KVCache
 from model.loading import LoadedModel
 from model.modeling import ImageFeatures, ImageReport
-from model.grammar import GrammarCompiler, Matcher, apply_masks
+from model.grammar import GrammarCompiler, GrammarError, Matcher, apply_masks, shared_compiler
 from model.sampling import SequenceSampler, TokenLogprob, sample
 
 from .detokenizer import IncrementalDetokenizer
@@ -128,8 +128,9 @@ class ModelRunner:
         """Prefill and decode once before serving: lazy initialisation, compiling the pointwise
         kernels and capturing the first decode graphs happen here, not in a request. Where
         compiling fails the kernels run eagerly; where capturing fails decoding runs without graphs.
-        The structured-output compiler (its view of the vocabulary) is built here too."""
-        self.grammars.compile(("json_object", ""))
+        The structured-output compiler (its view of the vocabulary) is built and used for one
+        mask here too."""
+        self.grammars.warm_up()
         try:
             self._warm_up()
         except Exception:
@@ -272,10 +273,20 @@ class ModelRunner:
 
     @property
     def grammars(self) -> GrammarCompiler:
-        """The structured-output compiler for this model's tokenizer (built at first use)."""
+        """The structured-output compiler for this model's tokenizer (this process's, shared with
+        request preparation; built at first use)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.lm.tokenizer, self.vocab)
+            self._grammars = shared_compiler(self.lm.tokenizer, self.vocab)
         return self._grammars
+
+    def compile_grammar(self, request) -> None:
+        """Compile a request's grammar now, on the calling thread (not the engine's), unless this
+        process has it already; an error is left for the request's start to report."""
+        if request.params.grammar is not None:
+            try:
+                self.grammars.compile(request.params.grammar)
+            except GrammarError:
+                pass
 
     @staticmethod
     def advance_grammar(seq: SequenceState, token: int) -> bool:

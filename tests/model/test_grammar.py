@@ -80,3 +80,68 @@ def test_the_documented_keywords_compile(compiler):
               "required": ["p", "k", "e", "a", "o"], "additionalProperties": False}
     compiler.compile(schema_spec(schema))
     compiler.compile(("json_object", ""))
+
+
+FIRST_MASK = r"""
+import json, sys, time
+import torch
+from model.grammar import GrammarCompiler, apply_masks
+from model.loading import load_tokenizer
+d = sys.argv[1]
+vocab = json.loads(open(d + "/config.json").read())["vocab_size"]
+compiler = GrammarCompiler(load_tokenizer(d), vocab)
+m = compiler.matcher(("json_object", ""))
+t0 = time.perf_counter()
+apply_masks(torch.zeros(2, vocab), [m, None])
+print(json.dumps({"seconds": time.perf_counter() - t0,
+                  "imported": [n for n in ("llguidance.torch", "torch._inductor") if n in sys.modules]}))
+"""
+
+
+def test_the_first_mask_in_a_fresh_process_imports_no_compiler_machinery(tiny_dir):
+    """llguidance's torch helpers import torch.compile's machinery (2.5 s, GIL held): the engine
+    thread froze every stream at the first structured request."""
+    import subprocess
+    import sys
+
+    from tests.live import ROOT
+
+    out = subprocess.run([sys.executable, "-c", FIRST_MASK, str(tiny_dir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["imported"] == []
+    assert got["seconds"] < 0.25, got
+
+
+def test_a_spec_asked_for_by_many_threads_at_once_is_compiled_once(compiler):
+    import threading
+
+    spec = schema_spec({**SCHEMA, "title": "concurrent"})
+    before = compiler.compiled
+    barrier = threading.Barrier(8)
+    got = []
+
+    def ask():
+        barrier.wait()
+        got.append(compiler.compile(spec))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert compiler.compiled == before + 1 and len(got) == 8 and all(g is got[0] for g in got)
+    bad = ("json_schema", json.dumps({"type": "object", "properties": {"x": {"type": "nonsense"}}}))
+    for _ in range(2):  # a failure is not cached as a success: each asker hears it
+        with pytest.raises(GrammarError):
+            compiler.compile(bad)
+
+
+def test_one_shared_compiler_per_tokenizer_in_a_process(tiny_dir):
+    from model.grammar import shared_compiler
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    tok = load_tokenizer(tiny_dir)
+    assert shared_compiler(tok, cfg["vocab_size"]) is shared_compiler(tok, cfg["vocab_size"])
+    assert shared_compiler(load_tokenizer(tiny_dir), cfg["vocab_size"]) is not shared_compiler(tok, cfg["vocab_size"])
