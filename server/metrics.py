@@ -35,6 +35,8 @@ class Metrics:
                                    "(or shared by the choices of one request): not computed", registry=r)
         self.preemptions = Counter("slime_num_preemptions", "Sequences preempted when KV-cache blocks ran out "
                                    "(computed again later)", registry=r)
+        self.vision_features = Gauge("slime_vision_features_bytes", "Encoded image features held by requests "
+                                     "that have not started (bounded by --vision-queue-mb)", registry=r)
         self.decode_graphs = Gauge("slime_decode_cuda_graphs", "Decode-step CUDA graphs captured (0: eager decode)",
                                    registry=r)
         self.batch_size = Histogram("slime_batch_size", "Sequences per decode forward",
@@ -71,6 +73,7 @@ class Metrics:
         if stats.preemptions:
             self.preemptions.inc(stats.preemptions)
         self.decode_graphs.set(stats.cuda_graphs)
+        self.vision_features.set(stats.vision_features_bytes)
         for hist, values in ((self.ttft, stats.ttft), (self.itl, stats.itl), (self.queue_time, stats.queue_time),
                              (self.vision, stats.vision_seconds), (self.batch_size, stats.batch_sizes)):
             for v in values:

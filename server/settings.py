@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     vision_nice: int = Field(10, ge=0, le=19, description="niceness added to the vision thread (Linux; 0: none): "
                              "decode steps get the CPU before new requests' image encoding")
     vision_cache_mb: int = Field(256, ge=0, description="vision-feature cache size (0: off)")
+    vision_queue_mb: int = Field(512, ge=0, description="encoded image features held by requests not yet started "
+                                 "(cache hits included); beyond it the vision stage waits (0: no bound; on CUDA "
+                                 "set aside before sizing the KV cache)")
     fault_hook: str | None = Field(None, description="testing only: 'module:function' called as f(stage, requests) "
                                    "inside each engine stage; what it raises fails like a model error")
     # request limits
@@ -100,7 +103,8 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len, prefill_chunk=self.prefill_chunk, kv_cache_mb=self.kv_cache_mb,
             kv_block_size=self.kv_block_size, prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
             capture_all_graphs=self.cuda_graph_capture == "startup", compile=self.compile,
-            vision_nice=self.vision_nice, vision_cache_mb=self.vision_cache_mb, engine_process=self.engine_process,
+            vision_nice=self.vision_nice, vision_cache_mb=self.vision_cache_mb,
+            vision_queue_mb=self.vision_queue_mb, engine_process=self.engine_process,
             fault_hook=self.fault_hook, log_format=self.log_format, log_level=self.log_level)
 
     @field_validator("kv_block_size")

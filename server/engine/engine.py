@@ -22,7 +22,7 @@ from .scheduler import Scheduler, SequenceState, StepPlan
 from .stopping import finish_reason
 from .streams import RequestStream, StreamRegistry
 from .types import CachedImage, EngineError, EngineRequest, EngineStats, ErrorKind, Event, FinishedRequest, ModelInfo
-from .vision import VisionStage, name_os_thread
+from .vision import FeatureBudget, VisionStage, name_os_thread
 from .vision_cache import CacheMiss
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int | None = None, prefill_chunk: int = 512,
                  prefix_caching: bool = True, info: ModelInfo | None = None, on_stats: StatsObserver | None = None,
-                 vision_thread: bool = True, vision_nice: int = 0, fault_hook: FaultHook | None = None):
+                 vision_thread: bool = True, vision_nice: int = 0, vision_queue_bytes: int = 0,
+                 fault_hook: FaultHook | None = None):
         self.runner = runner
         self.info = info if info is not None else ModelInfo.of(runner.lm)
         pool = BlockPool(runner.num_blocks, runner.block_size, prefix_caching=prefix_caching)
@@ -78,8 +79,8 @@ class Engine:
         self._outbox: list[tuple[str, Event]] = []
         self._stats = EngineStats()
         self._thread: threading.Thread | None = None
-        self.vision = VisionStage(self.executor.encode, self._vision_done, wanted=self._wanted,
-                                  nice=vision_nice) if vision_thread else None
+        self.vision = VisionStage(self.executor.encode, self._vision_done, wanted=self._wanted, nice=vision_nice,
+                                  budget=FeatureBudget(vision_queue_bytes, self._wanted)) if vision_thread else None
         self._stop = threading.Event()
         self._alive = False
         self.steps = 0
@@ -185,6 +186,9 @@ class Engine:
         stats.prefix_queried_tokens, sched.prefix_queried = sched.prefix_queried, 0
         stats.prefix_hit_tokens, sched.prefix_hits = sched.prefix_hits, 0
         stats.cuda_graphs = self.runner.graphs.num_graphs if self.runner.graphs else 0
+        if self.vision is not None:
+            stats.vision_features_bytes = self.vision.budget.held
+            self.vision.budget.notify()  # a step may have started requests that held features
         return stats
 
     # -- the engine thread -------------------------------------------------------------------------

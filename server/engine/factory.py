@@ -35,6 +35,7 @@ class EngineConfig:
     compile: bool = True
     vision_nice: int = 0
     vision_cache_mb: int = 256
+    vision_queue_mb: int = 512
     engine_process: bool = False
     fault_hook: str | None = None  # tests: 'module:function', see executor.StepExecutor
     log_format: str = "text"
@@ -73,9 +74,10 @@ def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None) ->
                          kv_cache_bytes=config.kv_cache_mb << 20 if config.kv_cache_mb else None,
                          block_size=config.kv_block_size,
                          vision_cache_bytes=config.vision_cache_mb * 1024 * 1024, cuda_graphs=config.cuda_graphs,
-                         capture_all_graphs=config.capture_all_graphs, compile_pointwise=config.compile)
+                         capture_all_graphs=config.capture_all_graphs, compile_pointwise=config.compile,
+                         vision_queue_bytes=config.vision_queue_mb << 20)
     engine = Engine(runner, prefill_chunk=config.prefill_chunk, prefix_caching=config.prefix_caching,
-                    on_stats=on_stats, vision_nice=config.vision_nice,
+                    on_stats=on_stats, vision_nice=config.vision_nice, vision_queue_bytes=config.vision_queue_mb << 20,
                     fault_hook=_import_object(config.fault_hook) if config.fault_hook else None)
     runner.warm_up()
     log.info("model %s loaded in %.1fs", config.model, lm.stats["load_seconds"])

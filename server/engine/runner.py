@@ -18,6 +18,7 @@ from model.sampling import SequenceSampler, TokenLogprob, sample
 
 from .detokenizer import IncrementalDetokenizer
 from .scheduler import SequenceState
+from .vision import without_pixels
 from .vision_cache import CacheMiss, VisionCache
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class SeqState:
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, max_batch_size: int, max_model_len: int, kv_cache_bytes: int | None = None,
                  block_size: int = 16, vision_cache_bytes: int = 0, cuda_graphs: bool = True,
-                 capture_all_graphs: bool = False, compile_pointwise: bool = True):
+                 capture_all_graphs: bool = False, compile_pointwise: bool = True, vision_queue_bytes: int = 0):
         self.lm = lm
         self.model = lm.model
         self.llm = lm.model.llm
@@ -98,8 +99,9 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         per_token = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                             head_dim=cfg.dim_head, dtype=lm.dtype)
-        # decode gathers each sequence's K and V of one layer at a time: [Hkv, B, span, hd] x 2
-        scratch = max_batch_size * max_model_len * per_token // cfg.num_hidden_layers
+        # decode gathers each sequence's K and V of one layer at a time: [Hkv, B, span, hd] x 2;
+        # image features waiting for their requests to start live beside the pool too
+        scratch = max_batch_size * max_model_len * per_token // cfg.num_hidden_layers + vision_queue_bytes
         num_blocks = kv_cache_blocks(kv_cache_bytes, block_size=block_size, bytes_per_token=per_token,
                                      max_model_len=max_model_len, device=lm.device, decode_scratch=scratch)
         self.cache = self.llm.new_cache(num_blocks=num_blocks, block_size=block_size, dtype=lm.dtype, device=lm.device)
@@ -195,6 +197,7 @@ class ModelRunner:
         feats = req.features if req.features is not None else self.encode(req.images)
         embeds, reports = self.model.embed_prompt(req.input_ids, feats, slime_selection=req.slime_selection)  # [T, D]
         req.features = None
+        req.images = without_pixels(req.images)  # the digests stay (prefix keys); the pixels are done with
         seq.embeds = embeds
         seq.prompt_len = embeds.shape[0]
         seq.position_keys = position_keys(req.input_ids, [img.digest for img in req.images], reports, seq.prompt_len)

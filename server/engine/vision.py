@@ -4,6 +4,7 @@ GIL). At a lower OS priority, so that on a busy CPU the decode steps run first."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -36,16 +37,70 @@ def lower_priority(nice: int) -> None:
         log.warning("could not lower the vision thread's priority: %s", e)
 
 
+class FeatureBudget:
+    """Bytes of encoded image features held by requests between the vision stage and their start
+    (selection and embedding consume them; features that came from the vision cache count too,
+    since the request keeps them alive). The vision stage encodes the next request only while the
+    total is under `max_bytes` (0: no bound), so a deep queue of image requests holds at most the
+    budget plus one request's features, not all of them. Thread-safe."""
+
+    def __init__(self, max_bytes: int, wanted: Callable[[str], bool]):
+        self.max_bytes = max_bytes
+        self._wanted = wanted
+        self._held: dict[str, tuple[EngineRequest, int]] = {}
+        self._cond = threading.Condition()
+        self.peak = 0  # the most bytes held at once
+
+    @property
+    def held(self) -> int:
+        with self._cond:
+            return self._total()
+
+    def _total(self) -> int:
+        gone = [rid for rid, (req, _) in self._held.items() if req.features is None or not self._wanted(rid)]
+        for rid in gone:  # started (features consumed), or ended
+            del self._held[rid]
+        return sum(n for _, n in self._held.values())
+
+    def add(self, request: EngineRequest) -> None:
+        """`request` now holds its features."""
+        nbytes = sum(f.nbytes for f in request.features or ())
+        with self._cond:
+            self._held[request.request_id] = (request, nbytes)
+            self.peak = max(self.peak, self._total())
+
+    def wait_for_room(self, stopping: threading.Event) -> None:
+        """Until the held features are under the budget (at once if nothing is held: one request
+        always goes through, however large)."""
+        with self._cond:
+            while self.max_bytes and not stopping.is_set() and self._held and self._total() >= self.max_bytes:
+                self._cond.wait(0.05)
+
+    def notify(self) -> None:
+        """Something may have been consumed (the engine calls this after each step)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def without_pixels(images: list) -> list:
+    """The request's images with their pixel arrays dropped (`[views, 3, 336, 336]` float32 each),
+    once its features exist. A new list: the choices of one request share the old one."""
+    return [dataclasses.replace(img, pixels=None) if getattr(img, "pixels", None) is not None else img
+            for img in images]
+
+
 class VisionStage:
-    """Encodes requests' images one request at a time; `done(request, error)` is called from its
-    thread when one is ready (error: the exception that failed it, or None)."""
+    """Encodes requests' images one request at a time, while `budget` has room; `done(request,
+    error)` is called from its thread when one is ready (error: the exception that failed it, or
+    None)."""
 
     def __init__(self, encode: Callable[[EngineRequest], None], done: Callable[[EngineRequest, Exception | None], None],
-                 *, wanted: Callable[[str], bool], nice: int = 0):
+                 *, wanted: Callable[[str], bool], nice: int = 0, budget: FeatureBudget | None = None):
         self._encode = encode  # sets request.features
         self._done = done
         self._wanted = wanted  # False once the request was aborted: skip it
         self._nice = nice
+        self.budget = budget if budget is not None else FeatureBudget(0, wanted)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()  # queued requests are skipped, not encoded, once set
         self.thread: threading.Thread | None = None
@@ -76,10 +131,16 @@ class VisionStage:
             if self._stopping.is_set() or not self._wanted(request.request_id):  # stopping, or aborted while queued
                 self._done(request, None)
                 continue
+            self.budget.wait_for_room(self._stopping)
+            if self._stopping.is_set() or not self._wanted(request.request_id):
+                self._done(request, None)
+                continue
             t0 = time.perf_counter()
             try:
                 self._encode(request)
                 request.vision_seconds = time.perf_counter() - t0
+                request.images = without_pixels(request.images)
+                self.budget.add(request)
                 self._done(request, None)
             except Exception as e:  # noqa: BLE001 - fails this request only
                 log.exception("vision encoding failed for %s", request.request_id)
