@@ -173,6 +173,59 @@ def capture_all(llm, dtype: torch.dtype, slots: int = 16, max_len: int = 4096) -
             "gb": (torch.cuda.memory_reserved() - before) / 1e9}
 
 
+@torch.inference_mode()
+def backend_sweep(llm, cfg, *, backends: list[str], batches: list[int], contexts: list[int], steps: int,
+                  dtype: torch.dtype, weight_bytes: int, kv_bytes: int, bw: float) -> list[dict]:
+    """Decode tokens/s per attention backend x batch x context (CUDA graphs with compiled pointwise
+    kernels, as the server runs), each with the bandwidth it achieved: the bytes a step must read
+    (the weights, and every sequence's K/V) over its time, against the measured copy bandwidth.
+    Combinations whose cache would not fit in 60% of the free memory are skipped."""
+    rows = []
+    llm.compile_pointwise(True)
+    for backend in backends:
+        llm.set_attention_backend(backend)
+        for context in contexts:
+            for b in batches:
+                if b * (context + steps + 16) * kv_bytes > 0.6 * torch.cuda.mem_get_info()[0]:
+                    rows.append({"backend": backend, "batch": b, "context": context, "skipped": "memory"})
+                    continue
+                r = decode_rate(llm, b, graphs=True, context=context, steps=steps, dtype=dtype, mode="compiled")
+                read = weight_bytes + b * (context + 3 + steps // 2) * kv_bytes
+                r.update(backend=backend, context=context, achieved_gbs=read / (r["step_ms"] / 1e3) / 1e9,
+                         of_copy_bw=read / (r["step_ms"] / 1e3) / bw)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                torch.cuda.empty_cache()
+    llm.set_attention_backend("sdpa")
+    return rows
+
+
+@torch.inference_mode()
+def vision_batching(model, requests: int = 16, batch_views: int = 32) -> dict:
+    """16 image requests (1344 x 1008: 7 views each) arriving together: when each one's features
+    are ready, encoded one request at a time vs in passes of up to `batch_views` views (the vision
+    stage's `--vision-batch-views`). Median and last, in seconds."""
+    from PIL import Image
+
+    from model.slicing import preprocess
+
+    pixels, grid = preprocess(Image.new("RGB", (1344, 1008), (120, 80, 200)))
+    views = pixels.shape[0]
+    batch = [torch.from_numpy(pixels)] * requests
+    model.encode_images(batch[:2], [grid] * 2)  # lazy initialisation
+    out = {}
+    for name, per_pass in (("alone", 1), ("batched", max(1, batch_views // views))):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ready = []
+        for i in range(0, requests, per_pass):
+            model.encode_images(batch[i:i + per_pass], [grid] * len(batch[i:i + per_pass]))
+            torch.cuda.synchronize()
+            ready += [time.perf_counter() - t0] * len(batch[i:i + per_pass])
+        out[name] = {"median_s": sorted(ready)[len(ready) // 2], "last_s": ready[-1], "per_pass": per_pass}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu")
     ap.add_argument("--dtype", default="bfloat16")
@@ -182,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true", help="also profile the kernels of a batch-1 step")
     ap.add_argument("--modes", default=",".join(MODES), help="which of eager, graphs, compiled to run")
+    ap.add_argument("--backends", default="", help="also sweep these decode attention backends (e.g. triton,sdpa) "
+                    "over --batches x --contexts")
+    ap.add_argument("--contexts", default="512,2048,8192", help="cached positions per sequence for --backends")
+    ap.add_argument("--vision", action="store_true", help="also time 16 image requests' vision stage, alone vs batched")
     ap.add_argument("--capture-all", action="store_true",
                     help="also time capturing every decode graph a 16-slot, 4,096-position server needs")
     args = ap.parse_args(argv)
@@ -209,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                                     dtype=dtype, mode=mode))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()  # that run's cache and graphs are gone
+    sweep = []
+    if args.backends:
+        sweep = backend_sweep(llm, cfg, backends=args.backends.split(","), batches=batches,
+                              contexts=[int(c) for c in args.contexts.split(",")], steps=args.steps, dtype=dtype,
+                              weight_bytes=weight_bytes, kv_bytes=kv_bytes, bw=bw)
+    vision = vision_batching(model) if args.vision else None
     # profiled with the last mode's kernels (compiled, by default), before they are dropped
     kernel_ms, kernel_table = kernel_profile(llm, args.context, dtype) if args.profile else (None, "")
     captured = capture_all(llm, dtype) if args.capture_all else None
@@ -220,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     kv_ms = kv_bytes * (args.context + args.steps) / bw * 1e3  # batch 1's cache read, for reference
     result = {"device": name, "dtype": args.dtype, "context": args.context, "rows": rows, "ttft_s": ttft,
               "weight_gb": weight_bytes / 1e9, "copy_bw_gbs": bw / 1e9, "roofline_ms": roofline_ms,
-              "peak_mem_gb": peak, "batch1_kernel_ms": kernel_ms, "capture_all": captured}
+              "peak_mem_gb": peak, "batch1_kernel_ms": kernel_ms, "capture_all": captured, "backends": sweep,
+              "vision_batching": vision}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -244,6 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     if captured:
         print(f"capture_all: {captured['graphs']} decode graphs (batch buckets {captured['buckets']}, key spans up "
               f"to 4,096) in {captured['seconds']:.1f} s, {captured['gb']:.2f} GB of graph memory")
+    if sweep:
+        print("\n| backend | context | batch | ms/step | tokens/s | achieved GB/s | of copy bandwidth |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sweep:
+            if "skipped" in r:
+                print(f"| {r['backend']} | {r['context']} | {r['batch']} | skipped ({r['skipped']}) | | | |")
+            else:
+                print(f"| {r['backend']} | {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | "
+                      f"{r['achieved_gbs']:.0f} | {r['of_copy_bw'] * 100:.0f}% |")
+    if vision:
+        a, b = vision["alone"], vision["batched"]
+        print(f"vision stage, 16 image requests at once: median ready {a['median_s'] * 1e3:.0f} ms alone, "
+              f"{b['median_s'] * 1e3:.0f} ms batched ({b['per_pass']} requests a pass); last {a['last_s'] * 1e3:.0f} "
+              f"vs {b['last_s'] * 1e3:.0f} ms")
     print(f"TTFT 1344 x 1008 image: {ttft * 1e3:.0f} ms; peak memory {peak:.1f} GB")
     return 0
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SliMEConfig
-from . import cpu_decode, paged_attention_cpu
+from . import cpu_decode, paged_attention_cpu, paged_attention_triton
 from .kv_cache import KVCache
 from .pointwise import PointwiseKernels, Rotary, rms_norm, silu_mul
 
@@ -234,6 +234,13 @@ class Attention(nn.Module):
         if step.positions is not None:  # decode: row i feeds one token at positions[i]
             real = step.positions.shape[0]  # rows past it only pad the batch (see `linear`)
             cache.write(layer, *step.write_at, k[:real, :, 0].transpose(0, 1), v[:real, :, 0].transpose(0, 1))
+            if step.lengths is not None:  # the Triton backend: read the blocks where they lie
+                out = paged_attention_triton.paged_decode(q[:real, :, 0], cache.k[layer], cache.v[layer], step.tables,
+                                                          step.lengths, splits=step.splits)  # [B, H, hd]
+                out = out.reshape(real, t, -1)
+                if real < b:
+                    out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
+                return linear(self.o_proj, out, pr)
             keys, values = cache.gather(layer, step.tables)  # [Hkv, B, span, hd]
             if step.per_row:
                 out = paged_decode_attention(q[:real], keys, values, step.pad)
@@ -315,6 +322,26 @@ class LlamaForCausalLM(nn.Module):
         # flash-attn 2's kernel for whole-prompt prefill (CUDA, half precision) when installed;
         # otherwise SDPA, which on CUDA picks its own fused kernels.
         self.flash_attn = None
+        # How decode attends, chosen once at load (see `set_attention_backend`): "sdpa" gathers
+        # each sequence's blocks into a padded copy; "triton" and "cpu" read them in place.
+        self.attention_backend = "sdpa"
+        self.attention_backend_auto = False  # chosen by "auto" (then a failing Triton warm-up falls back)
+
+    ATTENTION_BACKENDS = ("cpu", "triton", "sdpa")
+
+    def set_attention_backend(self, backend: str) -> None:
+        """"cpu": the numba kernel (CPU float32, see `enable_inplace_decode_attention`); "triton":
+        `model.paged_attention_triton` (CUDA, or the CPU under TRITON_INTERPRET=1); "sdpa": gather
+        and SDPA (anything)."""
+        if backend not in self.ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r} ({', '.join(self.ATTENTION_BACKENDS)})")
+        if backend == "cpu" and not self.enable_inplace_decode_attention():
+            raise ValueError("the cpu attention backend needs the model in float32 on the CPU, and numba")
+        if backend == "triton" and not paged_attention_triton.available():
+            raise ValueError("the triton attention backend needs triton (pip install triton)")
+        if backend != "cpu":
+            self.inplace_decode_attention = False
+        self.attention_backend = backend
 
     # -- RoPE tables -----------------------------------------------------------------------------
     def rope_tables(self, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,6 +499,10 @@ class LlamaForCausalLM(nn.Module):
                 return cpu_decode.decode_step(self, embeds, pos, cache.tables(tables, span), cache, span)
             table = cache.tables(tables, span)  # [B, blocks of the longest]
             step = Step(positions=pos, tables=table, per_row=self.batch_invariant, inplace=True)
+        elif self.attention_backend == "triton":
+            span = -(-max(lengths) // bs) * bs
+            table = cache.tables(tables, span)  # [B, blocks of the longest]
+            step = self._triton_step(pos, table, cache)
         else:
             span = key_span(lengths, bs) if self.batch_invariant else -(-max(lengths) // bs) * bs
             table = cache.tables(tables, span)  # [B, span / block_size]
@@ -500,6 +531,10 @@ class LlamaForCausalLM(nn.Module):
         point at the null block). -> float32 logits `[B, V]`.
         """
         b, span = ids.shape[0], tables.shape[1] * cache.block_size
+        if self.attention_backend == "triton":
+            step = self._triton_step(positions, tables, cache)
+            hidden = self._run(self.embed(ids).unsqueeze(1), positions.view(b, 1), cache, step, span)
+            return self.lm_head(hidden[:, 0]).float()
         keys = torch.arange(span, device=ids.device)
         masked = (keys.view(1, -1) > positions.view(-1, 1)).view(b, 1, 1, span)
         # additive (0 / -inf), built once: a boolean mask would be converted again in every layer
@@ -507,6 +542,14 @@ class LlamaForCausalLM(nn.Module):
         step = Step(positions=positions, tables=tables, write_at=cache.where(tables, positions), mask=bias)
         hidden = self._run(self.embed(ids).unsqueeze(1), positions.view(b, 1), cache, step, span)
         return self.lm_head(hidden[:, 0]).float()
+
+
+    def _triton_step(self, positions: torch.Tensor, tables: torch.Tensor, cache: KVCache) -> "Step":
+        """A decode step through the Triton kernel: lengths on the device, splits from shapes."""
+        splits = paged_attention_triton.default_splits(tables.shape[0], self.cfg.num_key_value_heads,
+                                                       tables.shape[1] * cache.block_size)
+        return Step(positions=positions, tables=tables, write_at=cache.where(tables, positions),
+                    per_row=self.batch_invariant, lengths=positions + 1, splits=splits)
 
 
 @dataclass
@@ -524,3 +567,5 @@ class Step:
     flash: object = None  # prefill: flash_attn_func when enabled
     inplace: bool = False  # decode: `model.paged_attention_cpu` writes and attends (no write_at, no gather)
     kernel: object = None  # with `inplace`: the step's paged_attention_cpu.DecodeStep, made by the first layer
+    lengths: torch.Tensor | None = None  # decode through the Triton kernel: keys per row `[B]`
+    splits: int = 1  # ... and its split-K factor

@@ -47,7 +47,8 @@ class LoadOptions:
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
     quantization: str = "none"  # none | 8bit | 4bit
     allow_download: bool = False
-    attention: str = "auto"  # auto | sdpa | flash_attention_2
+    attention: str = "auto"  # auto | sdpa | flash_attention_2 (prefill)
+    attention_backend: str = "auto"  # auto | cpu | triton | sdpa (decode; see `decode_backend`)
     model_base: str | Path | None = None  # base model of a LoRA checkpoint (the reference's model_base)
 
 
@@ -246,9 +247,13 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
     if device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none":
         model.llm.enable_batch_invariant()
         model.llm.pack_weights()
-        model.llm.enable_inplace_decode_attention()
     elif opts.quantization == "none":
         model.llm.fuse_projections()
+    try:
+        model.llm.set_attention_backend(decode_backend(opts.attention_backend, device, dtype, opts.quantization))
+        model.llm.attention_backend_auto = opts.attention_backend == "auto"
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)
     tokenizer = load_tokenizer(_tokenizer_dir(path, main))
     template = detect_template(tokenizer.get_vocab())
@@ -258,6 +263,20 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         stats["lora_merged_weights"] = len(main.pairs)
     return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats, read_image_norm(norm_dirs),
                        opts.quantization)
+
+
+def decode_backend(choice: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> str:
+    """The decode attention backend: `choice`, or for "auto" the fastest available here: the numba
+    kernel for CPU float32, the Triton kernel on CUDA, else gather + SDPA."""
+    from . import paged_attention_cpu, paged_attention_triton
+
+    if choice != "auto":
+        return choice
+    if device.type == "cpu" and dtype == torch.float32 and quantization == "none" and paged_attention_cpu.available():
+        return "cpu"
+    if device.type == "cuda" and paged_attention_triton.available():
+        return "triton"
+    return "sdpa"
 
 
 def _tokenizer_dir(path: Path, main: TensorSource | LoraSource) -> Path:

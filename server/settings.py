@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes weights for the LLM")
     attention: Literal["auto", "sdpa", "flash_attention_2"] = Field(
         "auto", description="auto: flash-attn 2 for prefill when installed on CUDA, else SDPA")
+    attention_backend: Literal["auto", "cpu", "triton", "sdpa"] = Field(
+        "auto", description="decode attention, chosen once at load. auto: cpu (numba) for CPU float32, triton on "
+        "CUDA, else sdpa (gathers each sequence's blocks into a padded copy); triton on the CPU needs "
+        "TRITON_INTERPRET=1 (slow: for tests)")
     served_model_name: str | None = Field(None, description="model id in the API (default: directory name)")
     chat_template: Literal["auto", "vicuna_v1", "llama3"] = Field("auto", description="auto: llama3 if the tokenizer knows <|eot_id|>")
     allow_download: bool = Field(False, description="fetch a hub CLIP tower named by the checkpoint")
@@ -57,6 +61,9 @@ class Settings(BaseSettings):
     vision_queue_mb: int = Field(512, ge=0, description="encoded image features held by requests not yet started "
                                  "(cache hits included); beyond it the vision stage waits (0: no bound; on CUDA "
                                  "set aside before sizing the KV cache)")
+    vision_batch_views: int = Field(32, ge=1, description="CLIP views per vision pass: the images of the requests "
+                                    "queued together are encoded as one batch up to this many views (one request "
+                                    "always goes whole)")
     fault_hook: str | None = Field(None, description="testing only: 'module:function' called as f(stage, requests) "
                                    "inside each engine stage; what it raises fails like a model error")
     # request limits
@@ -99,12 +106,13 @@ class Settings(BaseSettings):
             model=resolve_model_dir(self.model, self.cache_dir),
             model_base=Path(self.model_base) if self.model_base else None, device=self.device,
             dtype=None if self.dtype == "auto" else self.dtype, quantization=self.quantization,
-            attention=self.attention, allow_download=self.allow_download, max_batch_size=self.max_batch_size,
+            attention=self.attention, attention_backend=self.attention_backend, allow_download=self.allow_download, max_batch_size=self.max_batch_size,
             max_model_len=self.max_model_len, prefill_chunk=self.prefill_chunk, kv_cache_mb=self.kv_cache_mb,
             kv_block_size=self.kv_block_size, prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
             capture_all_graphs=self.cuda_graph_capture == "startup", compile=self.compile,
             vision_nice=self.vision_nice, vision_cache_mb=self.vision_cache_mb,
-            vision_queue_mb=self.vision_queue_mb, engine_process=self.engine_process,
+            vision_queue_mb=self.vision_queue_mb, vision_batch_views=self.vision_batch_views,
+            engine_process=self.engine_process,
             fault_hook=self.fault_hook, log_format=self.log_format, log_level=self.log_level)
 
     @field_validator("kv_block_size")

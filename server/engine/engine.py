@@ -59,7 +59,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, *, max_batch_size: int | None = None, prefill_chunk: int = 512,
                  prefix_caching: bool = True, info: ModelInfo | None = None, on_stats: StatsObserver | None = None,
                  vision_thread: bool = True, vision_nice: int = 0, vision_queue_bytes: int = 0,
-                 fault_hook: FaultHook | None = None):
+                 vision_batch_views: int = 32, fault_hook: FaultHook | None = None):
         self.runner = runner
         self.info = info if info is not None else ModelInfo.of(runner.lm)
         pool = BlockPool(runner.num_blocks, runner.block_size, prefix_caching=prefix_caching)
@@ -80,7 +80,8 @@ class Engine:
         self._stats = EngineStats()
         self._thread: threading.Thread | None = None
         self.vision = VisionStage(self.executor.encode, self._vision_done, wanted=self._wanted, nice=vision_nice,
-                                  budget=FeatureBudget(vision_queue_bytes, self._wanted)) if vision_thread else None
+                                  budget=FeatureBudget(vision_queue_bytes, self._wanted),
+                                  batch_views=vision_batch_views) if vision_thread else None
         self._stop = threading.Event()
         self._alive = False
         self.steps = 0

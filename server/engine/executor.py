@@ -70,10 +70,11 @@ class StepExecutor:
         if self.fault_hook is not None:
             self.fault_hook(stage, requests)
 
-    def encode(self, request: EngineRequest) -> None:
-        """The vision stage's work for one request (its own thread)."""
-        self.inject("vision", [request])
-        request.features = self.runner.encode(request.images)
+    def encode(self, requests: list[EngineRequest]) -> None:
+        """The vision stage's work for a batch of requests (its own thread): sets their features."""
+        self.inject("vision", requests)
+        for request, feats in zip(requests, self.runner.encode_many([r.images for r in requests])):
+            request.features = feats
 
     def execute(self, plan: StepPlan) -> StepOutputs:
         self.runner.copy_blocks(plan.copies)  # before anything writes to the copies

@@ -23,6 +23,7 @@ class EngineConfig:
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on the CPU
     quantization: str = "none"
     attention: str = "auto"
+    attention_backend: str = "auto"
     allow_download: bool = False
     max_batch_size: int = 64
     max_model_len: int = 4096
@@ -36,6 +37,7 @@ class EngineConfig:
     vision_nice: int = 0
     vision_cache_mb: int = 256
     vision_queue_mb: int = 512
+    vision_batch_views: int = 32
     engine_process: bool = False
     fault_hook: str | None = None  # tests: 'module:function', see executor.StepExecutor
     log_format: str = "text"
@@ -69,7 +71,8 @@ def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None) ->
 
     lm = load_model(config.model, LoadOptions(device=config.device, dtype=config.dtype, model_base=config.model_base,
                                               quantization=config.quantization,
-                                              allow_download=config.allow_download, attention=config.attention))
+                                              allow_download=config.allow_download, attention=config.attention,
+                                              attention_backend=config.attention_backend))
     runner = ModelRunner(lm, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
                          kv_cache_bytes=config.kv_cache_mb << 20 if config.kv_cache_mb else None,
                          block_size=config.kv_block_size,
@@ -78,7 +81,7 @@ def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None) ->
                          vision_queue_bytes=config.vision_queue_mb << 20)
     engine = Engine(runner, prefill_chunk=config.prefill_chunk, prefix_caching=config.prefix_caching,
                     on_stats=on_stats, vision_nice=config.vision_nice, vision_queue_bytes=config.vision_queue_mb << 20,
-                    fault_hook=_import_object(config.fault_hook) if config.fault_hook else None)
+                    vision_batch_views=config.vision_batch_views, fault_hook=_import_object(config.fault_hook) if config.fault_hook else None)
     runner.warm_up()
     log.info("model %s loaded in %.1fs", config.model, lm.stats["load_seconds"])
     return engine

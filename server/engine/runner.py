@@ -99,9 +99,12 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         per_token = KVCache.bytes_per_token(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                             head_dim=cfg.dim_head, dtype=lm.dtype)
-        # decode gathers each sequence's K and V of one layer at a time: [Hkv, B, span, hd] x 2;
-        # image features waiting for their requests to start live beside the pool too
-        scratch = max_batch_size * max_model_len * per_token // cfg.num_hidden_layers + vision_queue_bytes
+        # the sdpa backend gathers each sequence's K and V of one layer at a time ([Hkv, B, span,
+        # hd] x 2; the others read the blocks in place); image features waiting for their
+        # requests to start live beside the pool too
+        gather = lm.model.llm.attention_backend == "sdpa"
+        scratch = (max_batch_size * max_model_len * per_token // cfg.num_hidden_layers if gather else 0) \
+            + vision_queue_bytes
         num_blocks = kv_cache_blocks(kv_cache_bytes, block_size=block_size, bytes_per_token=per_token,
                                      max_model_len=max_model_len, device=lm.device, decode_scratch=scratch)
         self.cache = self.llm.new_cache(num_blocks=num_blocks, block_size=block_size, dtype=lm.dtype, device=lm.device)
@@ -136,6 +139,13 @@ class ModelRunner:
         try:
             self._warm_up()
         except Exception:
+            if self.llm.attention_backend == "triton" and self.llm.attention_backend_auto:
+                log.exception("the Triton decode kernel failed its warm-up: decoding through gather + SDPA")
+                self.llm.set_attention_backend("sdpa")
+                self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=self.max_batch_size,
+                                           max_len=self.max_model_len) if self.graphs is not None else None
+                self._warm_up()
+                return
             if not self.llm.kernels.compiled:
                 raise
             log.exception("compiling the pointwise kernels failed: running them eagerly")
@@ -167,27 +177,38 @@ class ModelRunner:
     # -- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, images: list) -> list[ImageFeatures]:
-        """Vision stage (its own thread): CLIP and both adapters for the images not in the cache.
-        Touches only the vision modules, never the KV cache."""
-        feats: list[ImageFeatures | None] = [None] * len(images)
-        todo = []
-        for i, img in enumerate(images):
-            if img.pixels is None:  # the chat layer found it in the cache
-                hit = self.vision_cache.take(img.digest) if self.vision_cache else None
-                if hit is None:
-                    raise CacheMiss("cached image features were evicted; retry the request")
-                feats[i] = hit
-            elif img.digest and self.vision_cache and (seen := self.vision_cache.peek(img.digest)) is not None:
-                feats[i] = seen  # encoded moments ago (another choice of the same request, or the same upload)
-            else:
-                todo.append(i)
+        """One request's images -> their features (see `encode_many`)."""
+        return self.encode_many([images])[0]
+
+    @torch.inference_mode()
+    def encode_many(self, requests: list[list]) -> list[list[ImageFeatures]]:
+        """Vision stage (its own thread): CLIP and both adapters for the images of several requests
+        not in the cache, all their views as one batch (an image two of them share, once). Each
+        request's features are what encoding it alone gives. Touches only the vision modules,
+        never the KV cache."""
+        feats: list[list[ImageFeatures | None]] = [[None] * len(images) for images in requests]
+        todo: dict[str, list[tuple[int, int]]] = {}  # one encoding per digest (or per unnamed image)
+        for r, images in enumerate(requests):
+            for i, img in enumerate(images):
+                if img.pixels is None:  # the chat layer found it in the cache
+                    hit = self.vision_cache.take(img.digest) if self.vision_cache else None
+                    if hit is None:
+                        raise CacheMiss("cached image features were evicted; retry the request")
+                    feats[r][i] = hit
+                elif img.digest and self.vision_cache and (seen := self.vision_cache.peek(img.digest)) is not None:
+                    feats[r][i] = seen  # encoded moments ago (another choice of the same request, or the same upload)
+                else:
+                    todo.setdefault(img.digest or f"#{r}.{i}", []).append((r, i))
         if todo:
-            new = self.model.encode_images([torch.from_numpy(images[i].pixels) for i in todo],
-                                           [images[i].grid for i in todo])
-            for i, f in zip(todo, new):
-                feats[i] = f
-                if self.vision_cache and images[i].digest:
-                    self.vision_cache.put(images[i].digest, f)
+            first = [places[0] for places in todo.values()]
+            new = self.model.encode_images([torch.from_numpy(requests[r][i].pixels) for r, i in first],
+                                           [requests[r][i].grid for r, i in first])
+            for places, f in zip(todo.values(), new):
+                for r, i in places:
+                    feats[r][i] = f
+                r, i = places[0]
+                if self.vision_cache and requests[r][i].digest:
+                    self.vision_cache.put(requests[r][i].digest, f)
         return feats  # type: ignore[return-value]
 
     @torch.inference_mode()

@@ -42,7 +42,7 @@ class FeatureBudget:
     (selection and embedding consume them; features that came from the vision cache count too,
     since the request keeps them alive). The vision stage encodes the next request only while the
     total is under `max_bytes` (0: no bound), so a deep queue of image requests holds at most the
-    budget plus one request's features, not all of them. Thread-safe."""
+    budget plus one pass's features, not all of them. Thread-safe."""
 
     def __init__(self, max_bytes: int, wanted: Callable[[str], bool]):
         self.max_bytes = max_bytes
@@ -89,22 +89,32 @@ def without_pixels(images: list) -> list:
             for img in images]
 
 
-class VisionStage:
-    """Encodes requests' images one request at a time, while `budget` has room; `done(request,
-    error)` is called from its thread when one is ready (error: the exception that failed it, or
-    None)."""
+def _views(request: EngineRequest) -> int:
+    """CLIP views a request's images need (none for those the chat layer found in the cache)."""
+    return sum(img.pixels.shape[0] for img in request.images if getattr(img, "pixels", None) is not None)
 
-    def __init__(self, encode: Callable[[EngineRequest], None], done: Callable[[EngineRequest, Exception | None], None],
-                 *, wanted: Callable[[str], bool], nice: int = 0, budget: FeatureBudget | None = None):
-        self._encode = encode  # sets request.features
+
+class VisionStage:
+    """Encodes the images of queued requests, as many requests at once as fit `batch_views` CLIP
+    views (at least one, however large), while `budget` has room; `done(request, error)` is called
+    from its thread for each (error: the exception that failed it, or None). A batch that fails is
+    encoded again one request at a time, so that only the request that breaks it fails."""
+
+    def __init__(self, encode: Callable[[list[EngineRequest]], None],
+                 done: Callable[[EngineRequest, Exception | None], None], *, wanted: Callable[[str], bool],
+                 nice: int = 0, budget: FeatureBudget | None = None, batch_views: int = 32):
+        self._encode = encode  # sets each request's features
         self._done = done
         self._wanted = wanted  # False once the request was aborted: skip it
         self._nice = nice
         self.budget = budget if budget is not None else FeatureBudget(0, wanted)
+        self.batch_views = batch_views
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._carried: EngineRequest | None = None  # taken from the inbox, for the next batch
         self._stopping = threading.Event()  # queued requests are skipped, not encoded, once set
         self.thread: threading.Thread | None = None
         self.pending = 0  # submitted and not yet done (read by the engine thread only)
+        self.batches: list[int] = []  # requests per pass (the last 1,000), for tests and benchmarks
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="slime-vision", daemon=True)
@@ -120,28 +130,80 @@ class VisionStage:
         self.pending += 1
         self._inbox.put(request)
 
+    def _next_batch(self) -> tuple[list[EngineRequest], bool]:
+        """(the requests of the next pass, whether the stage stops after it): the first waits, the
+        others are those already queued that fit the views budget."""
+        first = self._carried if self._carried is not None else self._inbox.get()
+        self._carried = None
+        if first is None:
+            return [], True
+        batch, views = [first], _views(first)
+        while views < self.batch_views:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            if views + _views(item) > self.batch_views:
+                self._carried = item
+                break
+            batch.append(item)
+            views += _views(item)
+        return batch, False
+
+    def _live(self, batch: list[EngineRequest]) -> list[EngineRequest]:
+        """The requests still wanted; the others (aborted while queued, or stopping) are done now."""
+        live = []
+        for request in batch:
+            if self._stopping.is_set() or not self._wanted(request.request_id):
+                self._done(request, None)
+            else:
+                live.append(request)
+        return live
+
     def _loop(self) -> None:
         name_os_thread("slime-vision")
         if self._nice:
             lower_priority(self._nice)
         while True:
-            request = self._inbox.get()
-            if request is None:
+            batch, last = self._next_batch()
+            batch = self._live(batch)
+            if batch:
+                self.budget.wait_for_room(self._stopping)
+                self._run(self._live(batch))
+            if last:
                 return
-            if self._stopping.is_set() or not self._wanted(request.request_id):  # stopping, or aborted while queued
-                self._done(request, None)
-                continue
-            self.budget.wait_for_room(self._stopping)
-            if self._stopping.is_set() or not self._wanted(request.request_id):
-                self._done(request, None)
-                continue
-            t0 = time.perf_counter()
-            try:
-                self._encode(request)
-                request.vision_seconds = time.perf_counter() - t0
-                request.images = without_pixels(request.images)
-                self.budget.add(request)
-                self._done(request, None)
-            except Exception as e:  # noqa: BLE001 - fails this request only
-                log.exception("vision encoding failed for %s", request.request_id)
-                self._done(request, e)
+
+    def _run(self, batch: list[EngineRequest]) -> None:
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._encode(batch)
+        except Exception as e:  # noqa: BLE001 - find which request fails it
+            if len(batch) == 1:
+                log.exception("vision encoding failed for %s", batch[0].request_id)
+                self._done(batch[0], e)
+                return
+            log.warning("vision encoding failed for a batch of %d: encoding them one at a time", len(batch))
+            for request in batch:
+                t0 = time.perf_counter()
+                try:
+                    self._encode([request])
+                except Exception as e1:  # noqa: BLE001 - fails this request only
+                    log.exception("vision encoding failed for %s", request.request_id)
+                    self._done(request, e1)
+                    continue
+                self._finish([request], t0)
+            return
+        self.batches = (self.batches + [len(batch)])[-1000:]
+        self._finish(batch, t0)
+
+    def _finish(self, requests: list[EngineRequest], t0: float) -> None:
+        seconds = time.perf_counter() - t0
+        for request in requests:
+            request.vision_seconds = seconds
+            request.images = without_pixels(request.images)
+            self.budget.add(request)
+            self._done(request, None)

@@ -23,14 +23,27 @@ def test_tiny_checkpoint_generates_on_cuda(tiny_dir, tiny_lm, ironing, dtype):
         assert gpu.images[0].local_kept == cpu.images[0].local_kept and gpu.prompt_tokens == cpu.prompt_tokens
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-kernels", "compiled-kernels"])
-def test_decode_graphs_replay_the_eager_step(tiny_dir, compiled):
+def test_decode_graphs_replay_the_eager_step(tiny_dir, compiled, backend, monkeypatch):
     """Captured graphs decode what eager decode does (float32), per batch bucket and key span, and
-    their padding rows write only to the null block; also with compiled pointwise kernels."""
+    their padding rows write only to the null block; also with compiled pointwise kernels, and with
+    the graphs attending through the Triton kernel (against eager gather + SDPA)."""
     from model.decode_graphs import DecodeGraphs
 
-    lm = load_model(tiny_dir, LoadOptions(device="cuda", dtype="float32"))
+    lm = load_model(tiny_dir, LoadOptions(device="cuda", dtype="float32", attention_backend=backend))
     llm, hidden = lm.model.llm, lm.cfg.hidden_size
+    real_call = DecodeGraphs.__call__
+
+    def graph_call(self, *a):  # graphs through `backend`, the eager reference through sdpa
+        llm.set_attention_backend(backend)
+        try:
+            return real_call(self, *a)
+        finally:
+            llm.set_attention_backend("sdpa")
+
+    monkeypatch.setattr(DecodeGraphs, "__call__", graph_call)
+    llm.set_attention_backend("sdpa")
     llm.compile_pointwise(compiled)
     torch.manual_seed(0)
     lengths = [30, 100, 170]
@@ -56,3 +69,26 @@ def test_decode_graphs_replay_the_eager_step(tiny_dir, compiled):
     assert torch.allclose(solo, eager_solo, atol=1e-4)
     assert graphs.num_graphs >= 3
     assert torch.equal(graph_cache.k[:, :, others], bystander)
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+def test_the_triton_kernel_on_the_device_equals_sdpa(splits):
+    import torch.nn.functional as F
+
+    from model.paged_attention_triton import paged_decode
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, hkv, hd, bs = 4, 32, 8, 128, 16
+    lengths = torch.tensor([1, 700, 2048, 4000], device="cuda", dtype=torch.int32)
+    nblk = 250
+    perm = torch.randperm(b * nblk, device="cuda", generator=g) + 1
+    tables = perm.view(b, nblk).int()
+    k = torch.randn(hkv, b * nblk + 1, bs, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(b, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+    got = paged_decode(q, k, v, tables, lengths, splits=splits).float()
+    keys = k[:, tables.long()].reshape(hkv, b, nblk * bs, hd).transpose(0, 1).float()
+    values = v[:, tables.long()].reshape(hkv, b, nblk * bs, hd).transpose(0, 1).float()
+    mask = (torch.arange(nblk * bs, device="cuda").view(1, -1) < lengths.view(-1, 1)).view(b, 1, 1, -1)
+    ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
+    assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (got - ref).abs().max()
