@@ -70,7 +70,8 @@ async def _one(c: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> tuple
         if r.status_code != 200:
             raise RuntimeError(f"{url} answered {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"content"' in line:
+            # a token's chunk (an empty role-only chunk, which older builds sent first, is none)
+            if line.startswith("data: {") and '"content"' in line and '"content": ""' not in line:
                 times.append(time.perf_counter())
     return len(times), [b - a for a, b in zip(times, times[1:])]
 
@@ -118,16 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     base, head = list(servers)
     lines = [f"# {head} vs {base}: {args.rounds} alternating rounds, {args.max_tokens} tokens per stream, "
              f"median per round", "",
-             "| streams | base tok/s | this tok/s | ratio | base ITL p50 ms | this ITL p50 ms | ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| streams | base tok/s | this tok/s | ratio | paired ratio | base ITL p50 ms | this ITL p50 ms | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     summary = {}
     for c in levels:
         bt = statistics.median(x[0] for x in results[(base, c)])
         ht = statistics.median(x[0] for x in results[(head, c)])
         bi = statistics.median(x[1] for x in results[(base, c)])
         hi = statistics.median(x[1] for x in results[(head, c)])
-        summary[c] = {"base_tps": bt, "head_tps": ht, "base_itl_ms": bi, "head_itl_ms": hi}
-        lines.append(f"| {c} | {bt:.0f} | {ht:.0f} | x{ht / bt:.2f} | {bi:.2f} | {hi:.2f} | x{hi / bi:.2f} |")
+        # the median of each round's ratio: both servers measured in the same round, minutes apart at most
+        paired = statistics.median(h[0] / b[0] for h, b in zip(results[(head, c)], results[(base, c)]))
+        summary[c] = {"base_tps": bt, "head_tps": ht, "paired_ratio": paired, "base_itl_ms": bi, "head_itl_ms": hi}
+        lines.append(f"| {c} | {bt:.0f} | {ht:.0f} | x{ht / bt:.2f} | x{paired:.2f} | {bi:.2f} | {hi:.2f} | "
+                     f"x{hi / bi:.2f} |")
     text = "\n".join(lines)
     print(text)
     (out / f"compare-{sha}.md").write_text(text + "\n")

@@ -189,10 +189,17 @@ class ChatService:
                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
         events = _merged(streams)
         calls = _ToolCallStreams(req) if req.calls_tool else None
+        # Each choice's role goes with its first token (clients time the first token at the first
+        # data chunk: a role-only chunk at acceptance made their TTFT look like our queueing time).
+        started: set[int] = set()
+
+        def opening(i: int, delta: Delta) -> Delta:
+            if i not in started:
+                started.add(i)
+                delta.role = "assistant"
+            return delta
+
         try:
-            for i in range(len(streams)):
-                yield out.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=None if calls else ""),
-                                             logprobs=None, finish_reason=None)])
             prompt, completion, images = 0, 0, None
             async for i, ev in events:
                 if ev.error is not None:
@@ -207,17 +214,24 @@ class ChatService:
                 if calls is not None:
                     delta = calls.delta(i, ev.text, ev.finish_reason)
                     if delta is not None:
-                        yield out.chunk([ChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=None)])
+                        yield out.chunk([ChunkChoice(index=i, delta=opening(i, delta), logprobs=None,
+                                                     finish_reason=None)])
                 elif req.logprobs:
-                    yield out.chunk([ChunkChoice(index=i, delta=Delta(content=ev.text),
+                    yield out.chunk([ChunkChoice(index=i, delta=opening(i, Delta(content=ev.text)),
                                                  logprobs=ChoiceLogprobs(content=self._logprobs(ev)),
                                                  finish_reason=None)])
                 elif ev.text:
-                    yield out.content(i, ev.text)
+                    if i in started:
+                        yield out.content(i, ev.text)
+                    else:
+                        yield out.chunk([ChunkChoice(index=i, delta=opening(i, Delta(content=ev.text)), logprobs=None,
+                                                     finish_reason=None)])
                 if ev.finish_reason:
                     completion += ev.completion_tokens
                     finish = "tool_calls" if calls is not None and ev.finish_reason == "stop" else ev.finish_reason
-                    final = ChunkChoice(index=i, delta=Delta(), logprobs=None, finish_reason=finish)
+                    # an answer with no text at all still names its role, in its last chunk
+                    delta = Delta() if i in started else opening(i, Delta(content=None if calls else ""))
+                    final = ChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=finish)
                     slime = _selection(images) if req.slime_selection and i == 0 else None
                     yield out.chunk([final], slime=slime)
             if out.include_usage:
