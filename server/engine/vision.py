@@ -50,6 +50,7 @@ class FeatureBudget:
         self._held: dict[str, tuple[EngineRequest, int]] = {}
         self._cond = threading.Condition()
         self.peak = 0  # the most bytes held at once
+        self._per_view: float | None = None  # feature bytes per CLIP view, from the last encoding
 
     @property
     def held(self) -> int:
@@ -62,10 +63,12 @@ class FeatureBudget:
             del self._held[rid]
         return sum(n for _, n in self._held.values())
 
-    def add(self, request: EngineRequest) -> None:
-        """`request` now holds its features."""
+    def add(self, request: EngineRequest, views: int = 0) -> None:
+        """`request` now holds its features (`views`: how many CLIP views they came from)."""
         nbytes = sum(f.nbytes for f in request.features or ())
         with self._cond:
+            if views:
+                self._per_view = nbytes / views
             self._held[request.request_id] = (request, nbytes)
             self.peak = max(self.peak, self._total())
 
@@ -75,6 +78,16 @@ class FeatureBudget:
         with self._cond:
             while self.max_bytes and not stopping.is_set() and self._held and self._total() >= self.max_bytes:
                 self._cond.wait(0.05)
+
+    def room_views(self) -> int | None:
+        """CLIP views whose features fit in what is left of the budget (None: no bound; 0 before
+        the first encoding says how large features are)."""
+        if not self.max_bytes:
+            return None
+        with self._cond:
+            if self._per_view is None:
+                return 0
+            return max(0, int((self.max_bytes - self._total()) // max(self._per_view, 1.0)))
 
     def notify(self) -> None:
         """Something may have been consumed (the engine calls this after each step)."""
@@ -130,22 +143,19 @@ class VisionStage:
         self.pending += 1
         self._inbox.put(request)
 
-    def _next_batch(self) -> tuple[list[EngineRequest], bool]:
-        """(the requests of the next pass, whether the stage stops after it): the first waits, the
-        others are those already queued that fit the views budget."""
-        first = self._carried if self._carried is not None else self._inbox.get()
-        self._carried = None
-        if first is None:
-            return [], True
-        batch, views = [first], _views(first)
-        while views < self.batch_views:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
+    def _fill(self, batch: list[EngineRequest]) -> tuple[list[EngineRequest], bool]:
+        """`batch` (its first request) and those already queued behind it that fit the views
+        budget and the features budget's room: (the pass, whether the stage stops after it)."""
+        room = self.budget.room_views()
+        limit = self.batch_views if room is None else min(self.batch_views, room)
+        views = sum(_views(r) for r in batch)
+        while views < limit:
+            item = self._inbox.get_nowait() if not self._inbox.empty() else False
+            if item is False:
                 break
             if item is None:
                 return batch, True
-            if views + _views(item) > self.batch_views:
+            if views + _views(item) > limit:
                 self._carried = item
                 break
             batch.append(item)
@@ -167,11 +177,15 @@ class VisionStage:
         if self._nice:
             lower_priority(self._nice)
         while True:
-            batch, last = self._next_batch()
-            batch = self._live(batch)
-            if batch:
-                self.budget.wait_for_room(self._stopping)
-                self._run(self._live(batch))
+            first = self._carried if self._carried is not None else self._inbox.get()
+            self._carried = None
+            if first is None:
+                return
+            if not self._live([first]):
+                continue
+            self.budget.wait_for_room(self._stopping)
+            batch, last = self._fill([first])
+            self._run(self._live(batch))
             if last:
                 return
 
@@ -204,6 +218,7 @@ class VisionStage:
         seconds = time.perf_counter() - t0
         for request in requests:
             request.vision_seconds = seconds
+            views = _views(request)
             request.images = without_pixels(request.images)
-            self.budget.add(request)
+            self.budget.add(request, views)
             self._done(request, None)
