@@ -341,6 +341,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("the triton attention backend needs triton (pip install triton)")
         if backend != "cpu":
             self.inplace_decode_attention = False
+        if backend == "triton":  # its splits follow the batch's longest sequence: rows are not batch-invariant
+            self.batch_invariant = False
         self.attention_backend = backend
 
     # -- RoPE tables -----------------------------------------------------------------------------

@@ -35,17 +35,19 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Only the model's shapes are compile-time constants: the table width and the split length
+    # change with the batch's longest sequence and stay runtime values (no compile mid-serving).
+    @triton.jit(do_not_specialize=["s_tb", "split_n"])
     def attend(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, out_ptr, m_ptr, l_ptr, scale,
-               s_qb, s_qh, s_kh, s_kb, s_ks, s_tb, s_ob, s_oh, s_os, s_mb, s_mh,
+               s_qb, s_qh, s_kh, s_kb, s_ks, s_tb, s_ob, s_oh, s_os, s_mb, s_mh, split_n,
                G: tl.constexpr, G_P2: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr, BS: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
+               BLOCK_N: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         length = tl.load(len_ptr + b)
-        lo = split * SPLIT_N
-        hi = tl.minimum(length, lo + SPLIT_N)
+        lo = split * split_n
+        hi = tl.minimum(length, lo + split_n)
         g = tl.arange(0, G_P2)
         d = tl.arange(0, HD_P2)
         gm, dm = g < G, d < HD
@@ -79,14 +81,14 @@ def _kernels():
             tl.store(m_ptr + b * s_mb + heads * s_mh + split, m, mask=gm)
             tl.store(l_ptr + b * s_mb + heads * s_mh + split, l, mask=gm)
 
-    @triton.jit
-    def merge(part_ptr, m_ptr, l_ptr, out_ptr, s_pb, s_ph, s_ps, s_mb, s_mh, s_ob, s_oh,
-              SPLITS: tl.constexpr, S_P2: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr):
+    @triton.jit(do_not_specialize=["splits"])
+    def merge(part_ptr, m_ptr, l_ptr, out_ptr, s_pb, s_ph, s_ps, s_mb, s_mh, s_ob, s_oh, splits,
+              S_P2: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, S_P2)
         d = tl.arange(0, HD_P2)
-        sm, dm = s < SPLITS, d < HD
+        sm, dm = s < splits, d < HD
         m = tl.load(m_ptr + b * s_mb + h * s_mh + s, mask=sm, other=float("-inf"))
         l = tl.load(l_ptr + b * s_mb + h * s_mh + s, mask=sm, other=0.0)
         part = tl.load(part_ptr + b * s_pb + h * s_ph + s[:, None] * s_ps + d[None, :],
@@ -110,13 +112,17 @@ def default_splits(batch: int, num_kv_heads: int, max_len: int, *, programs: int
     if batch * num_kv_heads >= programs:
         return 1
     want = -(-programs // (batch * num_kv_heads))
-    return max(1, min(want, max_len // (4 * block_n), 32))
+    return max(1, min(want, max_len // (4 * block_n), MAX_SPLITS))
+
+
+MAX_SPLITS = 32
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                  lengths: torch.Tensor, *, scale: float | None = None, splits: int = 1,
                  block_n: int = 64) -> torch.Tensor:
-    """Decode attention over the paged cache (see the module docstring) -> `[B, H, hd]` in q's dtype."""
+    """Decode attention over the paged cache (see the module docstring) -> `[B, H, hd]` in q's
+    dtype. `splits` (at most MAX_SPLITS): how many programs share each sequence's positions."""
     triton, attend, merge = _kernels()
     b, h, hd = q.shape
     hkv, _, bs, _ = k_cache.shape
@@ -124,24 +130,23 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     q = q.contiguous()
     scale = hd**-0.5 if scale is None else scale
     max_len = tables.shape[1] * bs
-    block_n = max(16, min(block_n, _p2(max_len)))
-    splits = max(1, min(splits, -(-max_len // block_n)))
+    splits = max(1, min(splits, MAX_SPLITS, -(-max_len // block_n)))
     split_n = -(-max_len // (splits * block_n)) * block_n  # whole BLOCK_N steps per split
     splits = -(-max_len // split_n)
-    common = dict(G=g, G_P2=_p2(g), HD=hd, HD_P2=_p2(hd), BS=bs, BLOCK_N=block_n, SPLIT_N=split_n)
+    common = dict(G=g, G_P2=_p2(g), HD=hd, HD_P2=_p2(hd), BS=bs, BLOCK_N=block_n)
     kv = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     if splits == 1:
         out = torch.empty(b, h, hd, dtype=torch.float32, device=q.device)
         attend[(b, hkv, 1)](q, k_cache, v_cache, tables, lengths, out, None, None, scale, q.stride(0), q.stride(1),
-                            *kv, tables.stride(0), out.stride(0), out.stride(1), 0, 0, 0, **common)
+                            *kv, tables.stride(0), out.stride(0), out.stride(1), 0, 0, 0, split_n, **common)
         return out.to(q.dtype)
     part = torch.empty(b, h, splits, hd, dtype=torch.float32, device=q.device)
     m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     attend[(b, hkv, splits)](q, k_cache, v_cache, tables, lengths, part, m, l, scale, q.stride(0), q.stride(1), *kv,
                              tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0),
-                             m.stride(1), **common)
+                             m.stride(1), split_n, **common)
     out = torch.empty(b, h, hd, dtype=torch.float32, device=q.device)
     merge[(b, h)](part, m, l, out, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
-                  out.stride(0), out.stride(1), SPLITS=splits, S_P2=_p2(splits), HD=hd, HD_P2=_p2(hd))
+                  out.stride(0), out.stride(1), splits, S_P2=MAX_SPLITS, HD=hd, HD_P2=_p2(hd))
     return out.to(q.dtype)

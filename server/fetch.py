@@ -22,6 +22,7 @@ import concurrent.futures
 import functools
 import ipaddress
 import logging
+import os
 import re
 import socket
 import threading
@@ -256,13 +257,16 @@ class Deadline:
             self._sockets.discard(sock)  # type: ignore[arg-type]
 
     def tracer(self, opened: list):
-        """An httpcore `trace` extension that tracks the connection's socket once it is connected."""
+        """An httpcore `trace` extension that tracks the connection's socket once it is connected.
+        A duplicate of it: TLS wraps the socket later and detaches the original object, but a
+        shutdown through any descriptor of the connection ends it."""
         def trace(event: str, info: dict) -> None:
             if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
                 sock = info["return_value"].get_extra_info("socket")
                 if sock is not None:
-                    opened.append(sock)
-                    self.track(sock)
+                    dup = socket.socket(fileno=os.dup(sock.fileno()))
+                    opened.append(dup)
+                    self.track(dup)
         return trace
 
 
@@ -302,6 +306,7 @@ def _read_capped(r: httpx.Response, policy: FetchPolicy, deadline: Deadline, par
             raise _refuse("image at URL is too large", param, code="image_too_large")
         deadline.remaining(param)
         chunks.append(chunk)
+    deadline.remaining(param)  # a body read to the connection's end: the deadline's shutdown may have ended it
     return b"".join(chunks)
 
 
@@ -332,6 +337,7 @@ def _get(url: httpx.URL, addr: IPAddress, target: _Target, timeout: httpx.Timeou
     finally:
         for sock in opened:
             deadline.untrack(sock)
+            sock.close()
 
 
 def _fetch_hop(url: httpx.URL, target: _Target, policy: FetchPolicy, deadline: Deadline,

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -84,6 +85,9 @@ class Engine:
                                   batch_views=vision_batch_views) if vision_thread else None
         self._stop = threading.Event()
         self._alive = False
+        # a detached request's new schema (the engine process's API side compiled it in its own
+        # process) is compiled here, in order, before the request reaches the engine thread
+        self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slime-grammar")
         self.steps = 0
 
     @property
@@ -103,6 +107,7 @@ class Engine:
             self.vision.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         self._stop.set()
         self._inbox.put(None)
         if self.vision is not None:
@@ -132,8 +137,14 @@ class Engine:
         """Hand a request to the engine; its events go to `deliver`."""
         if not self._alive:
             raise EngineDead("the engine is not running")
-        self.runner.compile_grammar(request)  # here, not on the engine thread
         self._detached.add(request.request_id)
+        if request.params.grammar is not None:  # compiled off the engine thread and off the caller's
+            self._grammar_pool.submit(self._compile_then_add, request)
+            return
+        self._inbox.put(_Add(request))
+
+    def _compile_then_add(self, request: EngineRequest) -> None:
+        self.runner.compile_grammar(request)
         self._inbox.put(_Add(request))
 
     @property

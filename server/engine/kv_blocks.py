@@ -98,12 +98,19 @@ class BlockPool:
                     self._free.append(block)
 
     def forget(self, blocks: Iterable[int]) -> None:
-        """Drop the keys of blocks in use (no later prefix will find them): once released they
-        are free, not cached."""
+        """Drop the keys of blocks (no later prefix will find them): a cached one is free now, one
+        in use is free once released."""
         for block in blocks:
             key = self._key_of.pop(block, None)
             if key is not None:
                 del self._by_key[key]
+                if self._ref[block] == 0:
+                    del self._cached[block]
+                    self._free.append(block)
+
+    def forget_keys(self, keys: Iterable[bytes]) -> None:
+        """`forget` the blocks that hold these keys (those still cached)."""
+        self.forget([self._by_key[k] for k in keys if k in self._by_key])
 
     def refs(self, block: int) -> int:
         return self._ref[block]

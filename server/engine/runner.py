@@ -136,21 +136,41 @@ class ModelRunner:
         The structured-output compiler (its view of the vocabulary) is built and used for one
         mask here too."""
         self.grammars.warm_up()
+        if self.llm.attention_backend == "triton":
+            try:
+                self._warm_up_triton()
+            except Exception:
+                if not self.llm.attention_backend_auto:  # asked for by name: the operator should know
+                    raise
+                log.exception("the Triton decode kernel failed its warm-up: decoding through gather + SDPA "
+                              "(the KV cache was sized without room for the gather: lower --kv-cache-mb if "
+                              "decode runs out of memory)")
+                self.llm.set_attention_backend("sdpa")
+                if self.graphs is not None:
+                    self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=self.max_batch_size,
+                                               max_len=self.max_model_len)
         try:
             self._warm_up()
         except Exception:
-            if self.llm.attention_backend == "triton" and self.llm.attention_backend_auto:
-                log.exception("the Triton decode kernel failed its warm-up: decoding through gather + SDPA")
-                self.llm.set_attention_backend("sdpa")
-                self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=self.max_batch_size,
-                                           max_len=self.max_model_len) if self.graphs is not None else None
-                self._warm_up()
-                return
             if not self.llm.kernels.compiled:
                 raise
             log.exception("compiling the pointwise kernels failed: running them eagerly")
             self.llm.compile_pointwise(False)
             self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up_triton(self) -> None:
+        """Both Triton kernels compiled (one split, and split-K with its merge) at the longest span,
+        reading block 1 (scratch before serving) of layer 0 only: a failure here is the kernel's."""
+        from model import paged_attention_triton
+
+        cfg, cache = self.lm.cfg, self.cache
+        q = torch.zeros(1, cfg.num_attention_heads, cfg.dim_head, dtype=cache.k.dtype, device=self.device)
+        width = -(-min(self.max_model_len, cache.max_len) // cache.block_size)
+        tables = torch.ones(1, width, dtype=torch.long, device=self.device)
+        lengths = torch.tensor([width * cache.block_size], device=self.device)
+        for splits in (1, 2):
+            paged_attention_triton.paged_decode(q, cache.k[0], cache.v[0], tables, lengths, splits=splits)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -166,6 +186,8 @@ class ModelRunner:
             try:
                 for batch in batches:
                     self.graphs([0] * batch, [3] * batch, [[1]] * batch)
+                if self.graphs.eager_shapes:  # capturing fails here at all: not worth trying per shape
+                    raise RuntimeError(f"capturing {sorted(self.graphs.eager_shapes)} failed")
                 if self.capture_all_graphs:
                     t0 = time.perf_counter()
                     n = self.graphs.capture_all()

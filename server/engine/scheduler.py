@@ -321,12 +321,20 @@ class Scheduler:
         """A sequence that finished, failed or was aborted leaves, releasing its blocks."""
         if seq in self.waiting:  # preempted meanwhile
             self.waiting.remove(seq)
+            self._forget_private(seq)
             return
         if seq not in self.decoding and seq not in self.prefilling:
             raise RuntimeError(f"{seq.request.request_id} is not running (released twice?)")
-        if not self.key_generated:  # its privately keyed blocks: no one else can use them
-            self.pool.forget(seq.blocks[seq.prompt_len // self.block_size:])
+        self._forget_private(seq)
         self._leave(seq)
+
+    def _forget_private(self, seq: SequenceState) -> None:
+        """A sequence that ends: its privately keyed blocks (generated positions where decode is
+        not batch-invariant) are of no use to anyone else."""
+        if not self.key_generated and seq.begun:
+            first = seq.prompt_len // self.block_size
+            self.pool.forget(seq.blocks[first:])  # those it holds
+            self.pool.forget_keys(seq.block_keys[first:])  # those it left cached when preempted
 
     def _leave(self, seq: SequenceState) -> None:
         (self.decoding if seq in self.decoding else self.prefilling).remove(seq)
@@ -337,5 +345,6 @@ class Scheduler:
         for s in self.waiting:
             if s.request.request_id == request_id:
                 self.waiting.remove(s)
+                self._forget_private(s)
                 return s
         return None

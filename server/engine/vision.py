@@ -47,7 +47,7 @@ class FeatureBudget:
     def __init__(self, max_bytes: int, wanted: Callable[[str], bool]):
         self.max_bytes = max_bytes
         self._wanted = wanted
-        self._held: dict[str, tuple[EngineRequest, int]] = {}
+        self._held: dict[str, EngineRequest] = {}
         self._cond = threading.Condition()
         self.peak = 0  # the most bytes held at once
         self._per_view: float | None = None  # feature bytes per CLIP view, from the last encoding
@@ -58,10 +58,12 @@ class FeatureBudget:
             return self._total()
 
     def _total(self) -> int:
-        gone = [rid for rid, (req, _) in self._held.items() if req.features is None or not self._wanted(rid)]
+        gone = [rid for rid, req in self._held.items() if req.features is None or not self._wanted(rid)]
         for rid in gone:  # started (features consumed), or ended
             del self._held[rid]
-        return sum(n for _, n in self._held.values())
+        # features several requests share (the choices of one request, one upload) count once
+        unique = {id(f): f.nbytes for req in self._held.values() for f in req.features or ()}
+        return sum(unique.values())
 
     def add(self, request: EngineRequest, views: int = 0) -> None:
         """`request` now holds its features (`views`: how many CLIP views they came from)."""
@@ -69,7 +71,7 @@ class FeatureBudget:
         with self._cond:
             if views:
                 self._per_view = nbytes / views
-            self._held[request.request_id] = (request, nbytes)
+            self._held[request.request_id] = request
             self.peak = max(self.peak, self._total())
 
     def wait_for_room(self, stopping: threading.Event) -> None:

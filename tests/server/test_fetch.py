@@ -355,6 +355,16 @@ class Target:
             return self.chunked(h, int(h.path.rsplit("/", 1)[1]), 8192, 0.0)
         if h.path == "/drip":
             return self.chunked(h, -1, 1, 0.05)
+        if h.path == "/eof-drip":  # no length, no chunks: the body ends when the connection does
+            h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n\r\n")
+            h.close_connection = True
+            for _ in range(200):
+                if self.stop.is_set():
+                    break
+                h.wfile.write(b"x")
+                h.wfile.flush()
+                time.sleep(0.05)
+            return None
         if h.path.startswith("/gap/"):
             return self.chunked(h, -1, 1, float(h.path.rsplit("/", 1)[1]))
         if h.path.startswith("/encoded/"):
@@ -599,6 +609,43 @@ def test_a_byte_just_inside_each_read_timeout_cannot_outlast_the_deadline(target
     elapsed = time.monotonic() - t0
     assert err.code == "image_url_failed" and "timed out" in err.message
     assert elapsed < 1.25, elapsed
+
+
+def test_a_body_the_deadline_cut_short_is_a_timeout_not_an_image(target):
+    """A body delimited by the connection's end: the deadline's shutdown ends it too, and what came
+    until then is not handed on as the image."""
+    err = refused(target.url("/eof-drip"), policy(timeout=0.5))
+    assert err.code == "image_url_failed" and "timed out" in err.message
+
+
+def test_the_deadline_also_ends_a_tls_connection(tmp_path):
+    """TLS wraps the connected socket (the original object is detached): the deadline still shuts
+    the connection, so a drip over https cannot outlast it either."""
+    if not shutil.which("openssl"):
+        missing_tool("the openssl CLI is missing (to make a test certificate)")
+    import server.fetch as fetch
+
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=images.example",
+                    "-addext", "subjectAltName=DNS:images.example"], check=True, capture_output=True)
+    target = Target()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    target.httpd.socket = server_ctx.wrap_socket(target.httpd.socket, server_side=True)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fetch, "tls_context", lambda: trusting)
+            resolver = Resolver({"images.example": ["127.0.0.1"]})
+            url = f"https://images.example:{target.port}"
+            assert fetch_image(url + "/png", policy(resolver=resolver), param=PARAM) == b"\x89PNG-image"
+            t0 = time.monotonic()
+            err = refused(url + "/gap/0.7", policy(resolver=resolver, timeout=1.0))
+            assert "timed out" in err.message
+            assert time.monotonic() - t0 < 1.25  # before: the next read ran on to 1.4 s
+    finally:
+        target.close()
 
 
 def test_a_slow_resolver_is_bounded_by_the_deadline():

@@ -406,3 +406,22 @@ def test_every_engine_error_kind_has_an_http_answer():
     for kind in ErrorKind:
         err = engine_error(EngineError(kind, "x"))
         assert 400 <= err.status < 600 and err.type and err.code
+
+
+def test_a_preempted_sequence_that_ends_while_waiting_leaves_no_private_blocks_cached():
+    sched = Scheduler(max_batch_size=4, pool=BlockPool(100, 16), prefill_chunk=16, key_generated=False)
+    sched.add(_req(0, 20))
+    _admit_fully(sched, sched.schedule(512))
+    seq = sched.decoding[0]
+    for _ in range(40):
+        _decode(sched, sched.schedule(512).decodes)
+    sched.preempt(seq)  # its 3 full blocks stay cached: 1 of prompt, 2 private
+    assert sched.pool.num_cached == 3
+    sched.remove(seq)  # aborted while waiting to come back
+    assert sched.pool.num_cached == 1 and sched.pool.num_free == sched.pool.capacity
+    sched.add(_req(1, 20))
+    _admit_fully(sched, sched.schedule(512))
+    for _ in range(40):
+        _decode(sched, sched.schedule(512).decodes)
+    sched.preempt(sched.decoding[0])
+    assert sched.drop_waiting("r1") is not None and sched.pool.num_cached == 2  # r0's and r1's prompt blocks

@@ -54,3 +54,18 @@ def test_a_deep_queue_of_image_requests_holds_at_most_the_budget_of_features(tin
     assert engine.vision.budget.peak <= budget + per_request
     assert not any(pixels_left)  # pixels go once the features exist
     assert all(img.pixels is None for r in requests for img in r.images)
+
+
+def test_features_several_requests_share_count_once(tiny_lm, ironing):
+    """The choices of an n>1 request hold the same feature objects: they take the budget once."""
+    from server.engine.types import EngineRequest as Req
+    from server.engine.vision import FeatureBudget
+
+    image = prepare_image(ironing.resize((400, 300)), tiny_lm.cfg, "shared", norm=tiny_lm.image_norm)
+    feats = ModelRunner(tiny_lm, max_batch_size=1, max_model_len=2048).encode([image])
+    budget = FeatureBudget(10 << 20, lambda rid: True)
+    for i in range(4):
+        r = Req(f"c-{i}", [1, -200, 5], [image], SamplingParams(max_tokens=2), 2000)
+        r.features = feats
+        budget.add(r, views=image.pixels.shape[0])
+    assert budget.held == sum(f.nbytes for f in feats)
