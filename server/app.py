@@ -17,6 +17,8 @@ from .errors import APIError
 from .metrics import Metrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware
 from .protocol import ChatCompletionRequest
+from .responses_protocol import ResponsesRequest
+from .tokenize import DetokenizeRequest, TokenizeRequest
 from .routes import all_routes
 from .routes.playground import STATIC_DIR
 from .settings import Settings
@@ -98,7 +100,7 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
 
     # Pure ASGI middleware; the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, on_error=count_error)
-    protected = ("/v1/", "/metrics") if settings.protect_metrics else ("/v1/",)
+    protected = ("/v1/", "/tokenize", "/detokenize") + (("/metrics",) if settings.protect_metrics else ())
     app.add_middleware(APIKeyMiddleware, keys=settings.api_key, protected=protected, on_error=count_error)
     if settings.cors_origins:
         wildcard = "*" in settings.cors_origins
@@ -117,11 +119,13 @@ def _openapi(app: FastAPI, model_name: str):
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(body.pop("$defs", {}))
-            body["properties"]["model"]["enum"] = [model_name]
-            components["ChatCompletionRequest"] = body
+            for model in (ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                if "model" in body.get("required", []):
+                    body["properties"]["model"]["enum"] = [model_name]
+                components[model.__name__] = body
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -23,7 +23,7 @@ from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Ch
 from .settings import Settings
 
 
-async def _merged(streams: list) -> AsyncIterator[tuple[int, Event]]:
+async def merged_events(streams: list) -> AsyncIterator[tuple[int, Event]]:
     """(choice index, event) from every engine stream until each has finished. A single stream
     (n=1, the usual case) is iterated directly: no relay task and queue hop per token."""
     if len(streams) == 1:
@@ -106,11 +106,15 @@ class ChatService:
         """Checks here; image URLs fetched on the fetcher's pool (all at once, one deadline); then
         decoding, slicing and tokenising on a preparation worker."""
         messages, urls = self.preparer.messages(req)
-        remote = self.preparer.remote_urls(urls) if self.fetcher is not None else []
-        bodies = await self.fetcher.fetch_all(remote) if remote else []
-        fetched = {param: body for (_, param), body in zip(remote, bodies)}
+        fetched = await self.fetch_images(urls)
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.prepare, req, messages,
                                                                 urls, fetched)
+
+    async def fetch_images(self, urls: list[tuple[str, str]]) -> dict[str, bytes]:
+        """The bodies of the http(s) image URLs among `urls` ((url, param) pairs), by param."""
+        remote = self.preparer.remote_urls(urls) if self.fetcher is not None else []
+        bodies = await self.fetcher.fetch_all(remote) if remote else []
+        return {param: body for (_, param), body in zip(remote, bodies)}
 
     # -- responses -------------------------------------------------------------------------------
     def _logprobs(self, event: Event) -> list[TokenLogprobOut]:
@@ -187,7 +191,7 @@ class ChatService:
     async def _sse(self, req: ChatCompletionRequest, cid: str, streams: list) -> AsyncIterator[str]:
         out = ChunkWriter(cid, int(time.time()), self.model_name,
                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
-        events = _merged(streams)
+        events = merged_events(streams)
         calls = _ToolCallStreams(req) if req.calls_tool else None
         # Each choice's role goes with its first token (clients time the first token at the first
         # data chunk: a role-only chunk at acceptance made their TTFT look like our queueing time).

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from model.config import IMAGE_TOKEN_INDEX
 from model.grammar import GrammarError
 from model.processor import PreparedImage, prepare_image, tokenize_prompt
+from model.slicing import choose_grid
 from model.sampling import SamplingParams
 from model.templates import Message, build_prompt
 
@@ -99,7 +100,7 @@ class RequestPreparer:
         t0 = time.perf_counter()
         images = []
         for url, param in urls:
-            data = fetched[param] if is_remote(url) and param in fetched else image_bytes(url, param=param, policy=None)
+            data = self._image_data(url, param, fetched)
             digest = hashlib.blake2b(data, digest_size=16).hexdigest()
             cached = self.cached_image(digest)
             if self.metrics and self.settings.vision_cache_mb:
@@ -113,14 +114,39 @@ class RequestPreparer:
             self.metrics.images_prepared(len(images), time.perf_counter() - t0)
         if images and not self.info.accepts_images:
             raise bad_request("this model does not accept images", param="messages")
+        ids = self.prompt_ids(messages)
+        self.checked_grammar(req)  # compiled here, in the worker thread (then cached)
+        return Prepared(ids, images, self.prompt_bound(ids, images))
+
+    def count(self, messages: list[Message], urls: list[tuple[str, str]],
+              fetched: dict[str, bytes]) -> tuple[list[int], list[PreparedImage]]:
+        """What `prepare` makes of a chat's prompt, for /tokenize: its token ids and each image's
+        grid (decoded and checked as `prepare` does; nothing sliced, no vision-cache lookup)."""
+        images = []
+        for url, param in urls:
+            img = open_image(self._image_data(url, param, fetched), max_pixels=self.settings.max_image_pixels,
+                             param=param)
+            anyres = self.info.cfg.has_local_branch or self.info.cfg.image_aspect_ratio == "anyres"
+            images.append(PreparedImage(None, choose_grid(*img.size) if anyres else None))
+        if images and not self.info.accepts_images:
+            raise bad_request("this model does not accept images", param="messages")
+        return self.prompt_ids(messages), images
+
+    def prompt_bound(self, ids: list[int], images: list[PreparedImage]) -> int:
+        """The prompt's positions, each image at its rows before selection (an upper bound)."""
+        return sum(1 for t in ids if t != IMAGE_TOKEN_INDEX) + sum(im.max_rows(self.info.cfg) for im in images)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The templated prompt's token ids, with a -200 placeholder per image."""
         try:
             pieces = build_prompt(messages, self.template)
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
-        self.checked_grammar(req)  # compiled here, in the worker thread (then cached)
-        ids = tokenize_prompt(self.info.tokenizer, pieces)
-        bound = sum(1 for t in ids if t != IMAGE_TOKEN_INDEX) + sum(im.max_rows(self.info.cfg) for im in images)
-        return Prepared(ids, images, bound)
+        return tokenize_prompt(self.info.tokenizer, pieces)
+
+    @staticmethod
+    def _image_data(url: str, param: str, fetched: dict[str, bytes]) -> bytes:
+        return fetched[param] if is_remote(url) and param in fetched else image_bytes(url, param=param, policy=None)
 
     def sampling_params(self, req: ChatCompletionRequest, prompt_bound: int) -> SamplingParams:
         s = self.settings

@@ -11,6 +11,7 @@ from ..errors import APIError
 if TYPE_CHECKING:
     from ..app import AppState
     from ..chat import ChatService
+    from ..responses import ResponsesService
 
 
 def get_state(request: Request) -> "AppState":
@@ -24,5 +25,12 @@ def get_chat(state: Annotated["AppState", Depends(get_state)]) -> "ChatService":
     return state.chat
 
 
+def get_responses(chat: Annotated["ChatService", Depends(get_chat)]) -> "ResponsesService":
+    from ..responses import ResponsesService
+
+    return ResponsesService(chat)  # a thin translation over the chat service: nothing to keep
+
+
 StateDep = Annotated["AppState", Depends(get_state)]
 ChatDep = Annotated["ChatService", Depends(get_chat)]
+ResponsesDep = Annotated["ResponsesService", Depends(get_responses)]
