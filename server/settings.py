@@ -137,11 +137,11 @@ class Settings(BaseSettings):
         return v or []
 
 
-def parse_args(argv: list[str] | None = None) -> Settings:
-    """CLI flags override environment variables, which override defaults."""
-    fields = Settings.model_fields
-    ap = argparse.ArgumentParser(prog="slime-serve", description="OpenAI-compatible SliME server")
-    for name, f in fields.items():
+def settings_parser(prog: str = "slime-serve", description: str = "OpenAI-compatible SliME server"
+                    ) -> argparse.ArgumentParser:
+    """A flag per setting (`--max-batch-size`, `--no-prefix-caching`, ...)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    for name, f in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_ = f.description or ""
         if name in ("api_key", "image_url_domains", "cors_origins"):
@@ -150,6 +150,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             ap.add_argument(flag, default=None, help=help_)
-    args = ap.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    return ap
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """CLI flags override environment variables, which override defaults."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
     return Settings(**given)
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    return settings_from(settings_parser().parse_args(argv))
