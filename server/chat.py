@@ -189,8 +189,9 @@ class ChatService:
         return self._sse(req, cid, streams)
 
     async def _sse(self, req: ChatCompletionRequest, cid: str, streams: list) -> AsyncIterator[str]:
-        out = ChunkWriter(cid, int(time.time()), self.model_name,
-                          include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        opts = req.stream_options
+        out = ChunkWriter(cid, int(time.time()), self.model_name, include_usage=bool(opts and opts.include_usage),
+                          continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats))
         events = merged_events(streams)
         calls = _ToolCallStreams(req) if req.calls_tool else None
         # Each choice's role goes with its first token (clients time the first token at the first
@@ -215,6 +216,7 @@ class ChatService:
                     return
                 prompt = ev.prompt_tokens or prompt
                 images = ev.images or images
+                out.count(i, ev)
                 if calls is not None:
                     delta = calls.delta(i, ev.text, ev.finish_reason)
                     if delta is not None:
@@ -262,14 +264,28 @@ class ChunkWriter:
     content chunk (the hot path), which is built by hand with only the text serialised per token
     (tested to equal the model's serialisation)."""
 
-    def __init__(self, cid: str, created: int, model: str, *, include_usage: bool):
+    def __init__(self, cid: str, created: int, model: str, *, include_usage: bool, continuous_usage: bool = False):
         self.cid, self.created, self.model = cid, created, model
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats: usage so far in every chunk
+        self._prompt = 0
+        self._completion: dict[int, int] = {}  # per choice
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
         self._head = json.dumps(base, ensure_ascii=False)[:-1]
         self._tail = ', "usage": null}\n\n' if include_usage else "}\n\n"
 
+    def count(self, i: int, event: Event) -> None:
+        self._prompt = event.prompt_tokens or self._prompt
+        if event.completion_tokens:
+            self._completion[i] = event.completion_tokens
+
+    def _usage_so_far(self) -> Usage:
+        completion = sum(self._completion.values())
+        return Usage(prompt_tokens=self._prompt, completion_tokens=completion, total_tokens=self._prompt + completion)
+
     def chunk(self, choices: list[ChunkChoice], usage: Usage | None = None, slime: SliMEReport | None = None) -> str:
+        if usage is None and self.continuous_usage:
+            usage = self._usage_so_far()
         extra: dict[str, Any] = {"usage": usage} if self.include_usage else {}
         if slime is not None:
             extra["slime"] = slime
@@ -278,8 +294,9 @@ class ChunkWriter:
         return "data: " + dump(body) + "\n\n"
 
     def content(self, i: int, text: str) -> str:
+        tail = self._tail if not self.continuous_usage else f', "usage": {self._usage_so_far().model_dump_json()}}}\n\n'
         return (f'data: {self._head}, "choices": [{{"index": {i}, "delta": {{"content": '
-                f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}]{self._tail}')
+                f'{json.dumps(text, ensure_ascii=False)}}}, "logprobs": null, "finish_reason": null}}]{tail}')
 
 
 class _ToolCallStreams:

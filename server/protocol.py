@@ -87,6 +87,7 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension (load generators send it): usage in every chunk
 
 
 class JSONSchemaFormat(_Strict):

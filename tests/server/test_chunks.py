@@ -6,17 +6,19 @@ import random
 import pytest
 
 from server.chat import ChunkWriter
+from server.engine.types import Event
 from server.protocol import ChatCompletionChunk, ChunkChoice, Delta, Usage
 
 TEXTS = ["", "hello", ' "quoted" ', "line\nbreak\ttab\\slash", "naïve 日本語 🙂", "\u2028\u2029", "</s>", "\x00\x1f"]
 
 
-@pytest.mark.parametrize("include_usage", [False, True])
-def test_the_fast_content_chunk_equals_the_models_serialisation(include_usage):
+@pytest.mark.parametrize("include_usage, continuous", [(False, False), (True, False), (True, True)])
+def test_the_fast_content_chunk_equals_the_models_serialisation(include_usage, continuous):
     rng = random.Random(0)
     texts = TEXTS + ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(1, 12))) for _ in range(50)]
-    out = ChunkWriter("chatcmpl-x", 1700000000, "tiny-slime", include_usage=include_usage)
+    out = ChunkWriter("chatcmpl-x", 1700000000, "tiny-slime", include_usage=include_usage, continuous_usage=continuous)
     for i, text in enumerate(texts):
+        out.count(i % 3, Event(text=text, prompt_tokens=7, completion_tokens=i // 3 + 1))
         fast = out.content(i % 3, text)
         typed = out.chunk([ChunkChoice(index=i % 3, delta=Delta(content=text), logprobs=None, finish_reason=None)])
         assert fast.startswith("data: ") and fast.endswith("\n\n")

@@ -43,3 +43,16 @@ def test_the_openai_sdk_reads_the_stream(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=4, temperature=0, stream=True, extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server):
+    # vLLM's extension, which load generators (GuideLLM, vllm bench) send with include_usage
+    chunks = _chunks(server, n=2, max_tokens=5, temperature=0.8, seed=3, ignore_eos=True,
+                     stream_options={"include_usage": True, "continuous_usage_stats": True})
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == 10  # both choices' tokens so far
+    assert all(c["usage"]["prompt_tokens"] == chunks[0]["usage"]["prompt_tokens"] > 0 for c in chunks)
+    assert all(c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+               for c in chunks)
+    plain = _chunks(server, max_tokens=3, ignore_eos=True, stream_options={"include_usage": True})
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 3
