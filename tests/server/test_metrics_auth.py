@@ -47,6 +47,11 @@ def test_metrics_need_a_key_exactly_when_protected(keyed):
     # the inference routes need a key either way; the probes never do
     assert _get(s, "/v1/models").status_code == 401 and _get(s, "/v1/models", "k1").status_code == 200
     assert _get(s, "/health").status_code == 200 and _get(s, "/ready").status_code == 200
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]}),
+                       ("/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 1})):
+        assert httpx.post(s.url + path, json=body, timeout=30).status_code == 401, path
+        r = httpx.post(s.url + path, json=body, headers={"Authorization": "Bearer k2"}, timeout=30)
+        assert r.status_code == 200, (path, r.text)
 
 
 def test_protect_metrics_without_keys_leaves_metrics_open(tiny_dir):
