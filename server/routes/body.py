@@ -27,6 +27,10 @@ def json_body_schema(name: str) -> dict:
         "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
 
 
+# streamed answers (stream: true) are Server-Sent Events
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {}}}}}  # events: chunks, then [DONE] on chat
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     ctype = request.headers.get("content-type", "")
     if "application/json" not in ctype:

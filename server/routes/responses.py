@@ -7,13 +7,14 @@ import json
 from fastapi import APIRouter, Request
 
 from ..responses_protocol import ResponsesRequest
-from .body import answer_unless_gone, event_stream, json_body_schema, parse_body
+from .body import STREAMED, answer_unless_gone, event_stream, json_body_schema, parse_body
 from .deps import ResponsesDep
 
 router = APIRouter()
 
 
-@router.post("/v1/responses", openapi_extra=json_body_schema("ResponsesRequest"))
+@router.post("/v1/responses", openapi_extra=json_body_schema("ResponsesRequest"),
+             responses=STREAMED)
 async def responses(request: Request, service: ResponsesDep):
     body = await parse_body(request, ResponsesRequest)
     if body.stream:
