@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from fastapi.middleware.cors import CORSMiddleware
 
+from .completions import CompletionRequest
 from .errors import APIError
 from .metrics import Metrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware
@@ -31,7 +32,7 @@ class AppState:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.model_id)
         self.chat = None  # ChatService once loaded
         self.engine = None
         self.ready = False
@@ -120,7 +121,7 @@ def _openapi(app: FastAPI, model_name: str):
 
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest):
+            for model in (ChatCompletionRequest, ResponsesRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest):
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 if "model" in body.get("required", []):

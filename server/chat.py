@@ -9,10 +9,11 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from contextlib import contextmanager
+from typing import Any, AsyncIterator, Iterator
 
 from .engine.interface import EngineClient, EngineDead
-from .engine.types import ErrorKind, Event
+from .engine.types import EngineRequest, ErrorKind, Event
 from .errors import APIError, engine_error
 from .fetch import ImageFetcher
 from .prepare import Prepared, RequestPreparer, fetch_policy
@@ -78,29 +79,41 @@ class ChatService:
         """Validate, prepare off the loop, and submit one engine request per choice."""
         s = self.settings
         req.check_supported(max_n=s.max_n, max_stop=s.max_stop)
-        if req.model != self.model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
-        # Bounded admission: everything preparing, waiting or running counts.
-        if self.preparing + self.engine.num_requests + req.n > s.max_waiting_requests + s.max_batch_size:
-            raise APIError(429, "the server is overloaded; retry later", type="rate_limit_error",
-                           code="overloaded", headers={"Retry-After": "1"})
-        self.preparing += req.n
-        try:
+        self.check_model(req.model)
+        with self.admitted(req.n):
             prepared = await self._prepare(req)
             params = self.preparer.sampling_params(req, prepared.max_prompt_tokens)
-        finally:
-            self.preparing -= req.n
         cid = "chatcmpl-" + uuid.uuid4().hex
+        return cid, await self.submit(self.preparer.engine_requests(req, cid, prepared, params))
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    @contextmanager
+    def admitted(self, n: int) -> Iterator[None]:
+        """Bounded admission: everything preparing, waiting or running counts (429 past it)."""
+        s = self.settings
+        if self.preparing + self.engine.num_requests + n > s.max_waiting_requests + s.max_batch_size:
+            raise APIError(429, "the server is overloaded; retry later", type="rate_limit_error",
+                           code="overloaded", headers={"Retry-After": "1"})
+        self.preparing += n
+        try:
+            yield
+        finally:
+            self.preparing -= n
+
+    async def submit(self, requests: list[EngineRequest]) -> list[AsyncIterator[Event]]:
         streams = []
-        for er in self.preparer.engine_requests(req, cid, prepared, params):
+        for er in requests:
             try:
                 streams.append(self.engine.submit(er))
             except EngineDead:
                 for st in streams:
                     await st.aclose()
                 raise APIError(503, "the engine is not running", type="unavailable", code="engine_dead") from None
-        return cid, streams
+        return streams
 
     async def _prepare(self, req: ChatCompletionRequest) -> Prepared:
         """Checks here; image URLs fetched on the fetcher's pool (all at once, one deadline); then

@@ -9,8 +9,9 @@ _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         r = self.registry = CollectorRegistry()
+        self.model_name = model_name
         self.requests = Counter("slime_requests", "Finished chat requests", ["status", "finish_reason"], registry=r)
         self.errors = Counter("slime_errors", "Error responses by type and status", ["type", "status"], registry=r)
         self.ttft = Histogram("slime_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY,
@@ -48,6 +49,20 @@ class Metrics:
         self.image_tokens = Counter("slime_image_tokens", "SliME image tokens by kind", ["kind"], registry=r)
         self.vision_cache = Counter("slime_vision_cache", "Vision-feature cache lookups", ["result"], registry=r)
         self.images = Counter("slime_images", "Images received", registry=r)
+        # The model-server protocol that gateways read (Gateway API Inference Extension, vLLM's
+        # router, production-stack): vLLM's names and meanings, beside ours.
+        m = ["model_name"]
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to run", m, registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (decoding or prefilling)", m,
+                                  registry=r)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full)", m, registry=r)
+        self.vllm_gpu_kv = Gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (1 = full); the old name, which "
+                                 "vLLM's production-stack router reads", m, registry=r)
+        self.vllm_cache_config = Gauge("vllm:cache_config_info", "KV-cache configuration (value 1)",
+                                       ["block_size", "num_gpu_blocks"], registry=r)
+        self._cache_config: tuple[int, int] | None = None
+        for g in (self.vllm_waiting, self.vllm_running, self.vllm_kv, self.vllm_gpu_kv):
+            g.labels(model_name)  # exported (0) before the engine's first report
 
     # -- what the API process observes (the rest comes from the engine, in `observe_engine`) --------
     def error(self, err) -> None:
@@ -67,6 +82,17 @@ class Metrics:
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_usage)
         self.kv_cached.set(stats.kv_cached_blocks)
+        name = self.model_name
+        self.vllm_waiting.labels(name).set(stats.waiting)
+        self.vllm_running.labels(name).set(stats.running)
+        self.vllm_kv.labels(name).set(stats.kv_usage)
+        self.vllm_gpu_kv.labels(name).set(stats.kv_usage)
+        config = (stats.kv_block_size, stats.kv_blocks)
+        if stats.kv_blocks and config != self._cache_config:
+            if self._cache_config is not None:
+                self.vllm_cache_config.remove(*map(str, self._cache_config))
+            self.vllm_cache_config.labels(*map(str, config)).set(1)
+            self._cache_config = config
         if stats.prefix_queried_tokens:
             self.prefix_queried.inc(stats.prefix_queried_tokens)
             self.prefix_hits.inc(stats.prefix_hit_tokens)

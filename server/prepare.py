@@ -149,17 +149,7 @@ class RequestPreparer:
         return fetched[param] if is_remote(url) and param in fetched else image_bytes(url, param=param, policy=None)
 
     def sampling_params(self, req: ChatCompletionRequest, prompt_bound: int) -> SamplingParams:
-        s = self.settings
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is not None and max_tokens > s.max_tokens_cap:
-            raise bad_request(f"max_tokens must be at most {s.max_tokens_cap}", param="max_tokens")
-        room = s.max_model_len - prompt_bound
-        if max_tokens is None:
-            max_tokens = min(s.default_max_tokens, room)
-        if room < 1 or prompt_bound + max_tokens > s.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {s.max_model_len} tokens. The prompt "
-                                f"needs up to {prompt_bound} (image rows included) and {max_tokens} were asked "
-                                f"for the completion.", param="messages", code="context_length_exceeded")
+        max_tokens = self.token_budget(req.max_completion_tokens or req.max_tokens, prompt_bound)
         grammar = self.checked_grammar(req)
         temperature = 1.0 if req.temperature is None else req.temperature
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0,
@@ -168,6 +158,21 @@ class RequestPreparer:
                               repetition_penalty=req.repetition_penalty or 1.0, stop=req.stop_list,
                               ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
                               grammar=grammar)
+
+    def token_budget(self, max_tokens: int | None, prompt_bound: int, *, prompt_param: str = "messages") -> int:
+        """The completion's token limit: the one asked for (at most the cap), else the default; a
+        400 when the prompt and it do not fit the context."""
+        s = self.settings
+        if max_tokens is not None and max_tokens > s.max_tokens_cap:
+            raise bad_request(f"max_tokens must be at most {s.max_tokens_cap}", param="max_tokens")
+        room = s.max_model_len - prompt_bound
+        if max_tokens is None:
+            max_tokens = min(s.default_max_tokens, room)
+        if room < 1 or prompt_bound + max_tokens > s.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {s.max_model_len} tokens. The prompt "
+                                f"needs up to {prompt_bound} (image rows included) and {max_tokens} were asked "
+                                f"for the completion.", param=prompt_param, code="context_length_exceeded")
+        return max_tokens
 
     def checked_grammar(self, req: ChatCompletionRequest):
         """The request's grammar, compiled here once (cached) so that a bad schema is a 400 now,

@@ -194,6 +194,7 @@ class Engine:
         stats.waiting = len(sched.waiting) + (self.vision.pending if self.vision else 0)
         stats.kv_usage = sched.pool.num_used / sched.pool.capacity
         stats.kv_cached_blocks = sched.pool.num_cached
+        stats.kv_blocks, stats.kv_block_size = sched.pool.capacity, sched.block_size
         stats.preemptions, sched.preempted = sched.preempted, 0
         stats.prefix_queried_tokens, sched.prefix_queried = sched.prefix_queried, 0
         stats.prefix_hit_tokens, sched.prefix_hits = sched.prefix_hits, 0
@@ -234,6 +235,7 @@ class Engine:
     def _run(self) -> bool:
         """The step loop, until stopped (-> False) or the model fails every step (-> True: the
         engine is dead, /health says so, and a restart is the cure)."""
+        self._flush()  # a first report: the gauges (the cache's size among them) before any request
         while not self._stop.is_set():
             idle = not self.scheduler.has_work
             try:

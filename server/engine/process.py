@@ -141,8 +141,10 @@ def _engine_main(inbox, outbox, config) -> None:
         send(LoadFailed(f"{type(e).__name__}: {e}"))
         return
     engine.deliver = lambda batch, stats: send(StepReport(batch, stats))
-    engine.start()
+    # Ready first: the engine loop's first report must not arrive before it (messages meanwhile wait
+    # in the pipe until the loop below reads them).
     send(Ready(dataclasses.replace(engine.info, tokenizer=None)))
+    engine.start()
     try:
         while engine.alive:
             if not inbox.poll(0.25):

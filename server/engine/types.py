@@ -108,6 +108,8 @@ class EngineStats:
     waiting: int = 0
     kv_usage: float = 0.0  # share of the KV cache's blocks in use
     kv_cached_blocks: int = 0  # blocks a later prompt can reuse (prefix cache)
+    kv_blocks: int = 0  # the pool's blocks (usable ones) and positions per block
+    kv_block_size: int = 0
     preemptions: int = 0  # sequences preempted this step (blocks ran out)
     prefix_queried_tokens: int = 0  # prompt positions looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of which found there (not computed again)

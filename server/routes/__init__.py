@@ -2,9 +2,9 @@
 
 from fastapi import APIRouter
 
-from . import chat, health, metrics, models, playground, responses, tokenize
+from . import chat, completions, health, metrics, models, playground, responses, tokenize
 
 
 def all_routes() -> list[APIRouter]:
     return [playground.router, health.router, metrics.router, models.router, chat.router, responses.router,
-            tokenize.router]
+            tokenize.router, completions.router]
