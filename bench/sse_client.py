@@ -52,13 +52,15 @@ async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]) ->
         yield await reader.read()
 
 
-async def stream_events(url: str, path: str, body: dict) -> AsyncIterator[dict]:
-    """POST `body` as JSON and yield each SSE `data:` event (parsed) until `[DONE]`."""
+async def stream_events(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> AsyncIterator[dict]:
+    """POST `body` as JSON (with any extra `headers`) and yield each SSE `data:` event (parsed)
+    until `[DONE]`."""
     u = urlsplit(url)
     reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
     try:
         payload = json.dumps(body).encode()
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n{extra}"
                      f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
                      .encode() + payload)
         await writer.drain()

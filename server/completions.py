@@ -11,14 +11,14 @@ import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from model.sampling_params import SamplingParams
 
 from .engine.types import EngineRequest, Event
 from .errors import bad_request, engine_error
-from .protocol import (GREEDY_BELOW, REPETITION_PENALTY_FLOOR, SEED_MAX, SEED_MIN, TOP_P_FLOOR, StreamOptions,
-                       check_unicode)
+from .protocol import (GREEDY_BELOW, REPETITION_PENALTY_FLOOR, SEED_MAX, SEED_MIN, TOP_P_FLOOR, GatewayExtensions,
+                       StreamOptions, check_unicode)
 
 if TYPE_CHECKING:
     from .chat import ChatService
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 UNSUPPORTED = ("suffix", "logit_bias", "best_of")
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(GatewayExtensions):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
@@ -84,6 +84,7 @@ class CompletionRequest(BaseModel):
                                   code="unsupported_parameter")
         if self.echo:
             raise bad_request("echo is not supported by this server", param="echo", code="unsupported_parameter")
+        self.check_gateway_extensions()
         if isinstance(self.prompt, str) and not self.prompt:
             raise bad_request("prompt must not be empty", param="prompt")
         if isinstance(self.prompt, list):

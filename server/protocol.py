@@ -30,6 +30,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Extensions that gateways write into every request they forward, at these values (vllm-router
+# re-serialises chat and completions bodies with SGLang's and vLLM's defaults). Each default is
+# what this server does anyway, so it is accepted; any other value is refused by name. The
+# reasoning switches are accepted at any value: a SliME checkpoint produces no reasoning text.
+GATEWAY_DEFAULTS = {"no_stop_trim": False, "continue_final_message": False, "skip_special_tokens": True,
+                    "return_hidden_states": False}
+REASONING_SWITCHES = ("separate_reasoning", "stream_reasoning", "include_reasoning")
+
+
+class GatewayExtensions(BaseModel):
+    """Fields a gateway adds with their defaults (`GATEWAY_DEFAULTS`, `REASONING_SWITCHES`)."""
+
+    no_stop_trim: bool = False
+    continue_final_message: bool = False
+    skip_special_tokens: bool = True
+    return_hidden_states: bool = False
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
+    include_reasoning: bool | None = None
+
+    def check_gateway_extensions(self) -> None:
+        for name, default in GATEWAY_DEFAULTS.items():
+            if getattr(self, name) != default:
+                raise bad_request(f"'{name}': {str(getattr(self, name)).lower()} is not supported by this server "
+                                  f"(only its default, {str(default).lower()})", param=name,
+                                  code="unsupported_parameter")
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -133,7 +161,7 @@ TOP_P_FLOOR = 1e-30
 REPETITION_PENALTY_FLOOR = 1e-6
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(GatewayExtensions):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
@@ -202,6 +230,7 @@ class ChatCompletionRequest(BaseModel):
         for name in UNSUPPORTED_FIELDS:
             if getattr(self, name) is not None:
                 raise bad_request(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+        self.check_gateway_extensions()
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
             raise bad_request("response_format json_schema needs json_schema.schema", param="response_format.json_schema")

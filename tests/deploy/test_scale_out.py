@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from bench.routing import nginx_config as routed_nginx_config
 from tests.live import free_port, start_server_process, wait_for
 from tests.tools import tool
 
@@ -32,16 +33,8 @@ def two_servers(tiny_dir):
 
 
 def nginx_config(repo, tmp_path, ports, listen):
-    conf = (repo / "docker/nginx/nginx.conf").read_text()
-    servers = "".join(f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=15s;\n" for p in ports)
-    conf, n = re.subn(r"        server slime-replica:8000[^\n]*\n", servers, conf)
-    assert n == 1
-    conf = re.sub(r"    resolver [^\n]*\n", "", conf)
-    conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
-    conf = conf.replace("worker_processes auto;", f"worker_processes 1;\npid {tmp_path}/nginx.pid;\n"
-                                                   f"error_log {tmp_path}/error.log;")
     path = tmp_path / "nginx.conf"
-    path.write_text(conf)
+    path.write_text(routed_nginx_config((repo / "docker/nginx/nginx.conf").read_text(), ports, listen, tmp_path))
     return path
 
 
