@@ -41,7 +41,7 @@ def start_command_process(args: Sequence[str], url: str, ready_path: str, log: P
 
 def tiny_or(model: str | None) -> Path:
     """The checkpoint a benchmark runs: `model`, else the tiny one under .cache/ (built if absent)."""
-    from server.engine.factory import resolve_model_dir
+    from server.engine.build import resolve_model_dir
 
     return resolve_model_dir(model, ROOT / ".cache")
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-args", default="")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "bench"))
     args = ap.parse_args(argv)
-    from server.engine.factory import resolve_model_dir
+    from server.engine.build import resolve_model_dir
 
     model = resolve_model_dir(args.model, ROOT / ".cache")
     out = Path(args.out)

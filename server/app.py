@@ -23,21 +23,9 @@ from .tokenize import DetokenizeRequest, TokenizeRequest
 from .routes import all_routes
 from .routes.playground import STATIC_DIR
 from .settings import Settings
+from .state import AppState
 
 log = logging.getLogger("slime.server")
-
-
-class AppState:
-    """Everything the routes need, typed (no ad-hoc app.state lookups)."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.metrics = Metrics(settings.model_id)
-        self.chat = None  # ChatService once loaded
-        self.engine = None
-        self.ready = False
-        self.load_error: str | None = None
-        self.shutting_down = False
 
 
 def build_service(settings: Settings, metrics: Metrics):

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
 
     def engine_config(self):
         """What the engine needs of these settings (server.engine.factory.EngineConfig)."""
-        from .engine.factory import EngineConfig, resolve_model_dir
+        from .engine.build import EngineConfig, resolve_model_dir
 
         return EngineConfig(
             model=resolve_model_dir(self.model, self.cache_dir),

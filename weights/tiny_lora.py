@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .make_tiny import TOWER_DIR, _save, build_tiny_parts, write_tower
+from .tiny_parts import TOWER_DIR, build_tiny_parts, save, write_tower
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16
@@ -69,7 +69,7 @@ def make_tiny_lora(out: str | Path, base: str | Path | None = None, *, template:
         llama.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32"})
         (tmp_base / "config.json").write_text(json.dumps(llama, indent=2))
         (tmp_base / "generation_config.json").write_text(json.dumps(parts.generation_config, indent=2))
-        _save(parts.llm, tmp_base, "safetensors")
+        save(parts.llm, tmp_base, "safetensors")
 
         (tmp_lora / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp_lora / "adapter_config.json").write_text(json.dumps(adapter_config(str(base)), indent=2))

@@ -125,7 +125,7 @@ def _engine_main(inbox, outbox, config) -> None:
     """Entry point of the engine process: load, warm up, then serve messages until Shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when this one stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .factory import build_engine, configure_engine_logging
+    from .build import build_engine, configure_engine_logging
 
     configure_engine_logging(config)
     send_lock = threading.Lock()

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from ..errors import APIError
 
 if TYPE_CHECKING:
-    from ..app import AppState
+    from ..state import AppState
     from ..chat import ChatService
     from ..responses import ResponsesService
 

@@ -208,7 +208,7 @@ def test_embedded_tower_takes_hyperparameters_from_the_named_tower_config(tmp_pa
     path = make_tiny(tmp_path / "emb", tower="embedded")
     tower = tmp_path / "emb" / "clip-vit-tiny-patch14-336"
     tower.mkdir()
-    from weights.make_tiny import VISION
+    from weights.tiny_parts import VISION
 
     (tower / "config.json").write_text(json.dumps({**VISION, "num_attention_heads": 4}))
     lm = load_model(path, LoadOptions(device="cpu"))

@@ -40,14 +40,14 @@ def test_the_model_package_imports_neither_server_nor_http():
 
 
 def test_the_engine_process_entry_point_loads_no_http_module():
-    code = ("import sys, server.engine.process, server.engine.factory; "
+    code = ("import sys, server.engine.process, server.engine.build, server.engine.factory; "
             "print(sorted(m for m in sys.modules if m.startswith(%r)))" % (HTTP,))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_http_side_reaches_the_engine_only_through_its_interface_and_types():
-    allowed = {"server.engine.interface", "server.engine.types", "server.engine.factory"}
+    allowed = {"server.engine.interface", "server.engine.types", "server.engine.factory", "server.engine.build"}
     for path in sorted((ROOT / "server").glob("*.py")) + sorted((ROOT / "server" / "routes").glob("*.py")):
         package = "server.routes" if path.parent.name == "routes" else "server"
         engine = {m for m in _imports(path, package) if m.startswith("server.engine")}

@@ -87,7 +87,8 @@ def test_benchmark_sizes_load_and_serve_a_request(tmp_path, size, params):
     from model.loading import LoadOptions, load_model
     from model.sampling import SamplingParams
     from model.templates import Message
-    from weights.make_tiny import SIZES, make_tiny
+    from weights.make_tiny import make_tiny
+    from weights.tiny_parts import SIZES
 
     path = make_tiny(tmp_path / size, size=size)
     lm = load_model(path, LoadOptions(device="cpu"))
