@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-NULL_BLOCK = 0  # never handed to a sequence: pads block tables, and padding rows write there
+from .block_table import NULL_BLOCK
+
 
 
 class KVCache:

@@ -36,9 +36,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 NON_LORA_FILE = "non_lora_trainables.bin"
 ADAPTER_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the wrapped model
-VISION_PREFIX = "model.vision_tower."
+VISION_MODULES = "model.vision_tower."  # module names under the vision tower (not weight keys)
 # adapter_config.json options that change what a merge means; refused when set rather than ignored.
-UNSUPPORTED = ("use_dora", "modules_to_save", "layers_to_transform", "layer_replication", "lora_bias",
+UNSUPPORTED_LORA_KEYS = ("use_dora", "modules_to_save", "layers_to_transform", "layer_replication", "lora_bias",
                "target_parameters", "trainable_token_indices", "exclude_modules", "use_qalora",
                "alora_invocation_tokens", "use_bdlora")
 
@@ -79,7 +79,7 @@ class LoraConfig:
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
         if d.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"adapter_config.json: peft_type {d.get('peft_type')!r} is not LORA")
-        refused = [k for k in UNSUPPORTED if d.get(k)]
+        refused = [k for k in UNSUPPORTED_LORA_KEYS if d.get(k)]
         if d.get("bias", "none") != "none":
             refused.append(f"bias={d['bias']!r}")
         if refused:
@@ -178,7 +178,7 @@ class LoraSource:
         names = reference_rename(self._extra.keys()) if self._extra is not None else {}
         # The reference builds the vision tower from `mm_vision_tower` after this state dict is
         # loaded (its tower is not built yet when it is), so tower keys here never take effect.
-        self._extra_names = {k: v for k, v in names.items() if not k.startswith(VISION_PREFIX)}
+        self._extra_names = {k: v for k, v in names.items() if not k.startswith(VISION_MODULES)}
         self.pairs: dict[str, tuple[str, str]] = {}  # weight key -> (lora_A key, lora_B key)
         self.stray: list[str] = []  # adapter keys that are not half of a lora_A / lora_B pair
         halves: dict[str, dict[str, str]] = {}

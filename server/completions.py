@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .chat import ChatService
 
 # Fields of OpenAI's completions API that this server does not implement: a 400 names them.
-UNSUPPORTED = ("suffix", "logit_bias", "best_of")
+UNSUPPORTED_COMPLETION_FIELDS = ("suffix", "logit_bias", "best_of")
 
 
 class CompletionRequest(GatewayExtensions):
@@ -78,7 +78,7 @@ class CompletionRequest(GatewayExtensions):
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def check_supported(self, *, max_n: int, max_stop: int, vocab: int) -> None:
-        for name in UNSUPPORTED:
+        for name in UNSUPPORTED_COMPLETION_FIELDS:
             if getattr(self, name) is not None:
                 raise bad_request(f"'{name}' is not supported by this server", param=name,
                                   code="unsupported_parameter")

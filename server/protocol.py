@@ -26,7 +26,9 @@ UNSUPPORTED_FIELDS = ("functions", "function_call", "logit_bias",
                       "reasoning_effort", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown fields refused, types strict: the base of every request model."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
@@ -58,17 +60,17 @@ class GatewayExtensions(BaseModel):
                                   code="unsupported_parameter")
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(_Strict):
+class ImageURL(StrictModel):
     url: str
     detail: Literal["auto", "high", "low"] | None = None
 
 
-class ImagePart(_Strict):
+class ImagePart(StrictModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -94,18 +96,18 @@ Content = Annotated[
                   custom_error_message="content must be a string or a non-empty list of content parts")]
 
 
-class ToolCallFunction(_Strict):
+class ToolCallFunction(StrictModel):
     name: str
     arguments: str  # JSON text
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictModel):
     id: str
     type: Literal["function"]
     function: ToolCallFunction
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[Content, None] = None
     name: str | None = None
@@ -113,40 +115,40 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None  # tool: which call this is the result of
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's extension (load generators send it): usage in every chunk
 
 
-class JSONSchemaFormat(_Strict):
+class JSONSchemaFormat(StrictModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class ToolChoiceFunction(_Strict):
+class ToolChoiceFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: ToolChoiceFunction
 

@@ -19,27 +19,23 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from .errors import bad_request
 from .protocol import (SEED_MAX, SEED_MIN, ChatCompletionRequest, ChatMessage, FunctionDefinition, ImagePart, ImageURL,
-                       JSONSchemaFormat, NamedToolChoice, ResponseFormat, StreamOptions, TextPart, Tool, ToolCall,
-                       ToolCallFunction, ToolChoiceFunction, check_unicode)
+                       JSONSchemaFormat, NamedToolChoice, ResponseFormat, StreamOptions, StrictModel, TextPart, Tool,
+                       ToolCall, ToolCallFunction, ToolChoiceFunction, check_unicode)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class InputText(_Strict):
+class InputText(StrictModel):
     type: Literal["input_text"]
     text: str
 
 
-class InputImage(_Strict):
+class InputImage(StrictModel):
     type: Literal["input_image"]
     image_url: str | None = None
     file_id: str | None = None  # refused: there is no Files API here
     detail: Literal["auto", "high", "low"] | None = None
 
 
-class OutputText(_Strict):
+class OutputText(StrictModel):
     """An earlier assistant answer, replayed by the client."""
     type: Literal["output_text"]
     text: str
@@ -72,7 +68,7 @@ MessageContent = Annotated[
                   custom_error_message="content must be a string or a non-empty list of content parts")]
 
 
-class MessageItem(_Strict):
+class MessageItem(StrictModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: MessageContent
@@ -80,7 +76,7 @@ class MessageItem(_Strict):
     status: str | None = None
 
 
-class FunctionCallItem(_Strict):
+class FunctionCallItem(StrictModel):
     type: Literal["function_call"]
     call_id: str
     name: str
@@ -89,7 +85,7 @@ class FunctionCallItem(_Strict):
     status: str | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(StrictModel):
     type: Literal["function_call_output"]
     call_id: str
     output: Union[str, list[InputText]]
@@ -113,7 +109,7 @@ InputItem = Annotated[
                                        "function_call_output")]
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(None, min_length=1, max_length=64)
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -121,12 +117,12 @@ class TextFormat(_Strict):
     strict: bool | None = None
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     format: TextFormat | None = None
     verbosity: Any = None  # refused by name
 
 
-class FunctionTool(_Strict):
+class FunctionTool(StrictModel):
     type: Literal["function"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
@@ -134,7 +130,7 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
-class FunctionToolChoice(_Strict):
+class FunctionToolChoice(StrictModel):
     type: Literal["function"]
     name: str
 

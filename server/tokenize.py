@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from .errors import APIError, bad_request
-from .protocol import ChatCompletionRequest, ChatMessage, check_unicode
+from .protocol import ChatCompletionRequest, ChatMessage, StrictModel, check_unicode
 
 if TYPE_CHECKING:
     from .chat import ChatService
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _CheckedBody(StrictModel):
+    """A request model whose strings are checked for lone surrogates."""
 
     @model_validator(mode="before")
     @classmethod
@@ -28,7 +28,7 @@ class _Strict(BaseModel):
         return data
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_CheckedBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -42,7 +42,7 @@ class TokenizeRequest(_Strict):
         return self
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_CheckedBody):
     model: str | None = None
     tokens: list[int] = Field(max_length=1_000_000)
 

@@ -24,7 +24,7 @@ from .tiny_parts import TOWER_DIR, build_tiny_parts, save, write_tower
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16
-LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+BASE_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act",
               "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -65,7 +65,7 @@ def make_tiny_lora(out: str | Path, base: str | Path | None = None, *, template:
     try:
         parts = build_tiny_parts(tmp_base, template=template, seed=seed)  # the tokenizer goes with the base
         cfg = parts.config
-        llama = {k: cfg[k] for k in LLAMA_KEYS if k in cfg}
+        llama = {k: cfg[k] for k in BASE_CONFIG_KEYS if k in cfg}
         llama.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32"})
         (tmp_base / "config.json").write_text(json.dumps(llama, indent=2))
         (tmp_base / "generation_config.json").write_text(json.dumps(parts.generation_config, indent=2))

@@ -328,7 +328,6 @@ class Engine:
         for seq in plan.prefills:
             if seq.request.request_id not in self._by_id:
                 self._by_id[seq.request.request_id] = seq
-                seq.scheduled_time = now
                 self._stats.queue_time.append(now - seq.request.arrival)
 
     # -- applying a step's outcome ---------------------------------------------------------------
@@ -392,7 +391,6 @@ class Engine:
         now = time.monotonic()
         for child in siblings:
             self._by_id[child.request.request_id] = child
-            child.scheduled_time = now
             self._stats.queue_time.append(now - child.request.arrival)
             try:
                 first = self.executor.fork(parent, child)

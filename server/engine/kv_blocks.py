@@ -13,7 +13,8 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from typing import Hashable
 
-NULL_BLOCK = 0  # model.kv_cache.NULL_BLOCK: pads tables; never handed out
+from model.block_table import NULL_BLOCK  # pads tables; never handed out
+
 
 # What was fed at one position: a token id, a hashable description of an image row, or None
 # (nothing that identifies it: no block from there on is shared)
@@ -43,7 +44,7 @@ class BlockPool:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self._ref = [0] * num_blocks
-        self._free: deque[int] = deque(range(1, num_blocks))
+        self._free: deque[int] = deque(b for b in range(num_blocks) if b != NULL_BLOCK)
         self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0 and keyed, least recently used first
         self._by_key: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}

@@ -76,7 +76,7 @@ def position_keys(input_ids: list[int], digests: list[str | None], reports: list
     return keys if len(keys) == prompt_len else None
 
 
-class SeqState:
+class RunnerState:
     """Per-sequence runner state."""
 
     def __init__(self, sampler: SequenceSampler, detok: IncrementalDetokenizer, matcher: Matcher | None = None):
@@ -252,10 +252,10 @@ class ModelRunner:
                                 f"{limit} of {where}")
         seq.state = self._new_state(req, reports)
 
-    def _new_state(self, req, reports: list[ImageReport]) -> SeqState:
+    def _new_state(self, req, reports: list[ImageReport]) -> RunnerState:
         """Sampling, detokenizing and grammar state for a request starting its output."""
         matcher = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
-        state = SeqState(SequenceSampler(req.params, req.input_ids, self.device),
+        state = RunnerState(SequenceSampler(req.params, req.input_ids, self.device),
                          IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
                                                 [t for t in req.input_ids[-4:] if t >= 0]), matcher)
         state.images = reports
@@ -343,9 +343,6 @@ class ModelRunner:
         if not matcher.accept(token):
             raise RuntimeError(f"token {token} broke the grammar it was sampled under")
         return matcher.done
-
-    def decode(self, seqs: list[SequenceState]) -> tuple[list[int], list[TokenLogprob | None]]:
-        return self.sample(self.forward(seqs), seqs)
 
     @staticmethod
     def rng_states(seqs: list[SequenceState]) -> list:

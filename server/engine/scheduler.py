@@ -36,17 +36,11 @@ class SequenceState:
     preemptions: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
-    scheduled_time: float | None = None
 
     @property
     def begun(self) -> bool:
         """Selection and prompt embedding done (prompt_len known)."""
         return self.state is not None
-
-    @property
-    def length(self) -> int:
-        """Positions in the cache."""
-        return self.computed
 
     @property
     def prompt_left(self) -> int:
