@@ -85,6 +85,26 @@ def _requests_served(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("slime_requests_total{"))
 
 
+TOKENS = 1500  # long enough that every stream is still decoding when a replica dies
+
+
+def _running(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("slime_num_requests_running "))
+
+
+async def _busiest_replica_once_spread(urls: list[str], timeout: float = 30) -> int:
+    """The index of the replica running the most streams, once at least two replicas run some
+    (so the kill leaves streams elsewhere that must finish)."""
+    deadline = time.time() + timeout
+    while True:
+        running = await asyncio.gather(*(asyncio.to_thread(_running, u) for u in urls))
+        if sum(1 for r in running if r > 0) >= 2:
+            return max(range(len(urls)), key=lambda i: running[i])
+        assert time.time() < deadline, f"the streams never spread over two replicas: {running}"
+        await asyncio.sleep(0.1)
+
+
 def test_a_replica_killed_under_load_fails_only_its_requests_and_comes_back(replicas, tmp_path, tiny_dir):
     _gateway_tool()
     procs, ports = replicas
@@ -94,20 +114,18 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_comes_back(repl
     model = tiny_dir.name
     try:
         async def under_load():
-            # nine sessions over three replicas: least-loaded placement gives each replica three
-            streams = [asyncio.create_task(_stream(gateway.url, model, f"long story number {i}", 400, f"s{i}"))
+            # nine sessions over three replicas: least-loaded placement spreads them
+            streams = [asyncio.create_task(_stream(gateway.url, model, f"long story number {i}", TOKENS, f"s{i}"))
                        for i in range(9)]
-            await asyncio.sleep(1.5)  # every stream is decoding somewhere
-            running = httpx.get(urls[0] + "/metrics", timeout=5).text
-            assert "slime_num_requests_running 0.0" not in running, "replica 0 has no stream to lose"
-            procs[0].send_signal(signal.SIGKILL)
-            return await asyncio.wait_for(asyncio.gather(*streams), timeout=120)  # nothing hangs
+            victim = await _busiest_replica_once_spread(urls)  # poll: fixed sleeps raced fast machines
+            procs[victim].send_signal(signal.SIGKILL)
+            return victim, await asyncio.wait_for(asyncio.gather(*streams), timeout=120)  # nothing hangs
 
-        results = asyncio.run(under_load())
-        procs[0].wait(10)
+        victim, results = asyncio.run(under_load())
+        procs[victim].wait(10)
         failed = [e for _, e in results if e]
         done = [n for n, e in results if not e]
-        assert done and all(n == 400 for n in done), results  # the other replicas' streams finish
+        assert done and all(n == TOKENS for n in done), results  # the other replicas' streams finish
         assert failed, results  # the dead replica's in-flight streams end with an error, not silently
 
         async def after():
@@ -117,10 +135,10 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_comes_back(repl
         time.sleep(3)  # the gateway's health check has seen the dead replica
         assert all(not e for _, e in asyncio.run(after())), "new requests go to the live replicas"
 
-        procs[0] = start_server_process(tiny_dir, port=ports[0])[0]  # the replica returns on its port
+        procs[victim] = start_server_process(tiny_dir, port=ports[victim])[0]  # it returns on its port
         deadline = time.time() + 60
         i = 0
-        while _requests_served(urls[0]) == 0:
+        while _requests_served(urls[victim]) == 0:
             assert time.time() < deadline, "the gateway never sent the returned replica any traffic"
             n, e = asyncio.run(_stream(gateway.url, model, f"is anyone back {i}", 2))
             assert not e, e
