@@ -98,18 +98,38 @@ def can_pack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# Weight shapes `(out, in)` whose single-row product differs in the last bit from the same row
+# inside a larger batch: oneDNN takes a GEMV path for one row on some CPUs (AMD Zen 4 with large
+# `in`, found by CI) and a GEMM path otherwise. Probed once per shape at packing time.
+_SINGLE_ROW_DIFFERS: dict[tuple[int, int], bool] = {}
+
+
+def _onednn_linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """`weight` `[out, in]` (CPU, float32) in oneDNN's blocked layout for `packed_linear`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+    shape = tuple(weight.shape)
+    if shape not in _SINGLE_ROW_DIFFERS:
+        x = torch.randn(2, shape[1], generator=torch.Generator().manual_seed(0))
+        _SINGLE_ROW_DIFFERS[shape] = not torch.equal(_onednn_linear(x[:1], packed, None),
+                                                     _onednn_linear(x, packed, None)[:1])
+    return packed
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear` through oneDNN with a packed weight (CPU float32): ~2x faster than MKL's sgemm
     for decode's few rows on this project's CPU, and row-invariant like the padded GEMM (each
-    row's result does not depend on how many rows there are; tested with 1-4 threads)."""
+    row's result does not depend on how many rows there are; tested with 1-4 threads). Where one
+    row would take another kernel than several, it goes with a zero row (see _SINGLE_ROW_DIFFERS)."""
     shape = x.shape
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
-    return out.reshape(*shape[:-1], -1)
+    rows = x.reshape(-1, shape[-1])
+    if rows.shape[0] == 1 and _SINGLE_ROW_DIFFERS.get(tuple(packed.shape)):
+        return _onednn_linear(torch.cat([rows, rows.new_zeros(1, shape[-1])]), packed, bias)[:1].reshape(
+            *shape[:-1], -1)
+    return _onednn_linear(rows, packed, bias).reshape(*shape[:-1], -1)
 
 
 def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,9 @@ def _bnb():
     return bnb
 
 
+BNB_CPU_PACK_ROWS = 32  # bitsandbytes' AVX512-BF16 4-bit CPU layout packs output rows in blocks of this
+
+
 def quantize_layer(layer: nn.Module, mode: str, *, compute_dtype: torch.dtype, device: torch.device) -> int:
     """Replace every `nn.Linear` inside one decoder layer in place; returns how many were replaced."""
     if mode not in ("8bit", "4bit"):
@@ -36,6 +39,11 @@ def quantize_layer(layer: nn.Module, mode: str, *, compute_dtype: torch.dtype, d
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4")
                 q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                if child.out_features % BNB_CPU_PACK_ROWS or child.in_features % q.weight.blocksize:
+                    # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first forward,
+                    # which fails unless rows come in blocks of 32 and each row in whole quantization
+                    # blocks: keep its plain kernel for such layers
+                    q.support_avx512bf16_for_cpu = False
             if bias is not None:
                 q.bias = nn.Parameter(bias.data.to(compute_dtype), requires_grad=False)
             q = q.to(device)  # quantises the weight on its way to the device
