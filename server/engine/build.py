@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Engine, StatsObserver
+from .engine import Engine, EngineCore, Sink, StatsObserver
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def _import_object(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None) -> Engine:
-    """Load the model, build the runner and the engine (not started), warm up."""
+def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None, sink: Sink | None = None) -> EngineCore:
+    """Load the model, build the runner and the engine (not started), warm up. With `sink` the
+    bare core, whose events and stats go there (the engine process); else the in-process client."""
     from model.loading import LoadOptions, load_model
 
     from .runner import ModelRunner
@@ -78,9 +79,12 @@ def build_engine(config: EngineConfig, on_stats: StatsObserver | None = None) ->
                          vision_cache_bytes=config.vision_cache_mb * 1024 * 1024, cuda_graphs=config.cuda_graphs,
                          capture_all_graphs=config.capture_all_graphs, compile_pointwise=config.compile,
                          vision_queue_bytes=config.vision_queue_mb << 20)
-    engine = Engine(runner, prefill_chunk=config.prefill_chunk, prefix_caching=config.prefix_caching,
-                    on_stats=on_stats, vision_nice=config.vision_nice, vision_queue_bytes=config.vision_queue_mb << 20,
-                    vision_batch_views=config.vision_batch_views, fault_hook=_import_object(config.fault_hook) if config.fault_hook else None)
+    options = dict(prefill_chunk=config.prefill_chunk, prefix_caching=config.prefix_caching,
+                   vision_nice=config.vision_nice, vision_queue_bytes=config.vision_queue_mb << 20,
+                   vision_batch_views=config.vision_batch_views,
+                   fault_hook=_import_object(config.fault_hook) if config.fault_hook else None)
+    engine = EngineCore(runner, sink=sink, compile_grammars=True, **options) if sink is not None \
+        else Engine(runner, on_stats=on_stats, **options)
     runner.warm_up()
     log.info("model %s loaded in %.1fs", config.model, lm.stats["load_seconds"])
     return engine

@@ -1,21 +1,21 @@
-"""Runs a planned step on the model, keeping each failure to the sequences that cause it.
+"""Runs a planned step on the model and reports what happened, keeping each failure to the
+sequences that cause it. It changes no sequence's counters or blocks (the scheduler applies
+its `StepOutput`).
 
-Prompt chunks fail one sequence each; a chunk runs only when the blocks it writes are free
-(its sequence waits otherwise). A decode forward that fails is bisected over prefixes of the
-batch to find the sequence whose presence breaks it; sampling that fails is redone row
-by row (generators restored first, so seeded requests draw as if nothing happened); the rest
-decode on."""
+A prompt chunk that fails fails its sequence. A decode forward that fails is bisected over
+prefixes of the batch to find the sequence whose presence breaks it; sampling that fails is
+redone row by row (generators restored first, so seeded requests draw as if nothing happened);
+the rest decode on."""
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from typing import Callable
 
-from .runner import ModelRunner, PromptTooLong
-from .scheduler import Scheduler, SequenceState, StepPlan
-from .types import EngineError, EngineRequest, ErrorKind, TokenLogprob
+from .runner import ModelRunner
+from .sequence import SequenceState
+from .step import ChunkOutput, DecodeOutput, PromptChunk, Sampled, StepOutput, StepPlan
+from .types import EngineError, EngineRequest, ErrorKind
 from .vision_cache import CacheMiss
 
 log = logging.getLogger(__name__)
@@ -27,36 +27,13 @@ MAX_FAILED_STEPS = 3
 
 FaultHook = Callable[[str, list[EngineRequest]], None]
 
-
-@dataclass
-class PrefillOutcome:
-    seq: SequenceState
-    ran: int = 0  # prompt positions run
-    complete: bool = False  # the prompt is all in the cache: the sequence decodes from the next step
-    begun: bool = False  # selection and embedding ran in this step
-    vision_seconds: float | None = None  # when the images were encoded inline (no vision thread)
-    first: tuple[int, TokenLogprob | None] | None = None  # the first token, once the prompt is all in
-    error: EngineError | None = None
-
-
-@dataclass
-class DecodeOutcome:
-    seq: SequenceState
-    token: int | None = None  # None: no token this step (failed, replaying, or to retry next step)
-    info: TokenLogprob | None = None
-    error: EngineError | None = None
-
-
-@dataclass
-class StepOutputs:
-    prefills: list[PrefillOutcome]
-    decodes: list[DecodeOutcome]
+PREFILL_FAILED = EngineError(ErrorKind.MODEL_ERROR, "model error during prefill")
+DECODE_FAILED = EngineError(ErrorKind.MODEL_ERROR, "model error during decoding")
 
 
 class StepExecutor:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, fault_hook: FaultHook | None = None):
+    def __init__(self, runner: ModelRunner, fault_hook: FaultHook | None = None):
         self.runner = runner
-        self.blocks = scheduler  # prefix matching, block reservation and keying for prompt chunks
         # Tests: f(stage, requests) inside each model stage ("vision", "prefill", "decode",
         # "sample") with the requests it serves; what it raises fails like a model error.
         self.fault_hook = fault_hook
@@ -76,53 +53,41 @@ class StepExecutor:
         for request, feats in zip(requests, self.runner.encode_many([r.images for r in requests])):
             request.features = feats
 
-    def execute(self, plan: StepPlan) -> StepOutputs:
+    def execute(self, plan: StepPlan) -> StepOutput:
         self.runner.copy_blocks(plan.copies)  # before anything writes to the copies
-        prefills, budget = [], plan.prefill_budget
-        for seq in plan.prefills:
-            if budget <= 0:
-                break
-            out = self._prefill(seq, budget)
-            budget -= out.ran
-            prefills.append(out)
-        decodes = self._decode(plan.decodes) if plan.decodes else []
-        return StepOutputs(prefills, decodes)
+        chunks = [self._chunk(chunk) for chunk in plan.chunks]
+        return StepOutput(chunks, self._decode(plan.decodes) if plan.decodes else [])
 
     # -- prefill ---------------------------------------------------------------------------------
-    def _prefill(self, seq: SequenceState, budget: int) -> PrefillOutcome:
-        out = PrefillOutcome(seq)
-        before = seq.computed
+    def _chunk(self, chunk: PromptChunk) -> ChunkOutput:
+        seq, out = chunk.seq, ChunkOutput()
         try:
-            if not seq.begun:
-                out.begun = True
+            if chunk.first:
                 self.inject("prefill", [seq.request])
-                if seq.request.features is None and seq.request.images:  # no vision thread: encode here
-                    t0 = time.perf_counter()
-                    seq.request.features = self.runner.encode(seq.request.images)
-                    out.vision_seconds = time.perf_counter() - t0
-                self.runner.begin(seq)
-                self.blocks.match_prefix(seq)
-                before = seq.computed  # reused positions cost the step nothing
-            end = min(seq.prompt_len, seq.computed + budget)
-            if not self.blocks.reserve(seq, end):
-                return out  # no blocks free for this chunk: the sequence waits a step
-            out.first = self.runner.prefill_chunk(seq, end)
-            out.complete = seq.computed >= seq.prompt_len
-            self.blocks.commit(seq)
+            logits = self.runner.prefill_chunk(seq, chunk.start, chunk.end, sample=chunk.samples)  # [1, V] | None
+            if logits is not None:
+                spare = logits.clone() if chunk.forks else None  # sampling may change the logits it is given
+                out.first = self._sample_one(logits, seq)
+                out.forks = [self._fork(spare, child) for child in chunk.forks]
         except CacheMiss as e:
             out.error = EngineError(ErrorKind.RETRY, str(e))
-        except PromptTooLong as e:
-            out.error = EngineError(ErrorKind.INVALID_REQUEST, str(e))
         except Exception:  # noqa: BLE001 - fails this request only
             log.exception("prefill failed for %s", seq.request.request_id)
-            out.error = EngineError(ErrorKind.MODEL_ERROR, "model error during prefill")
-        out.ran = seq.computed - before
+            out.error = PREFILL_FAILED
         return out
 
-    def fork(self, parent: SequenceState, child: SequenceState) -> tuple[int, TokenLogprob | None]:
-        """A sibling choice's state and first token, from `parent`'s prompt (see Engine)."""
-        self.inject("prefill", [child.request])
-        return self.runner.fork(parent, child)
+    def _sample_one(self, logits, seq: SequenceState) -> Sampled:
+        tokens, infos = self.runner.sample(logits, [seq])
+        return tokens[0], infos[0]
+
+    def _fork(self, logits, child: SequenceState) -> Sampled | EngineError:
+        """A sibling choice's first token, from its parent's last prompt logits."""
+        try:
+            self.inject("prefill", [child.request])
+            return self._sample_one(logits, child)
+        except Exception:  # noqa: BLE001 - this choice only
+            log.exception("forking %s failed", child.request.request_id)
+            return PREFILL_FAILED
 
     # -- decode ----------------------------------------------------------------------------------
     def _forward(self, seqs: list[SequenceState]):
@@ -133,47 +98,43 @@ class StepExecutor:
         self.inject("sample", [s.request for s in seqs])
         return self.runner.sample(logits, seqs)
 
-    def _decode(self, seqs: list[SequenceState]) -> list[DecodeOutcome]:
-        failed = EngineError(ErrorKind.MODEL_ERROR, "model error during decoding")
+    def _decode(self, seqs: list[SequenceState]) -> list[DecodeOutput]:
         try:
             logits = self._forward(seqs)  # [B, V]
         except Exception:  # noqa: BLE001 - find who caused it; the others decode again next step
             log.exception("decode forward failed for a batch of %d", len(seqs))
             self.failed_steps += 1
             if self.broken:
-                return [DecodeOutcome(s, error=failed) for s in seqs]
+                return [DecodeOutput(error=DECODE_FAILED) for _ in seqs]
             culprit = self._forward_culprit(seqs)  # None: transient; all decode again next step
-            return [DecodeOutcome(s, error=failed if s is culprit else None) for s in seqs]
+            return [DecodeOutput(error=DECODE_FAILED if s is culprit else None) for s in seqs]
         self.failed_steps = 0
         # Rows that replayed a position lost to preemption sample nothing: their logits are for a
         # token they already have. The others sample the next one.
         live = [i for i, s in enumerate(seqs) if not s.replaying]
-        for s in seqs:
-            s.computed += 1
-            self.blocks.commit(s)
-        outs = {i: DecodeOutcome(s) for i, s in enumerate(seqs)}
+        outs = [DecodeOutput(ran=True) for _ in seqs]
         if live:
             rows = live if len(live) < len(seqs) else slice(None)
-            outs.update(self._sample_rows(logits[rows], [seqs[i] for i in live], live, failed))
-        return [outs[i] for i in range(len(seqs))]
+            for i, (token, info, error) in zip(live, self._sample_rows(logits[rows], [seqs[i] for i in live])):
+                outs[i].token, outs[i].info, outs[i].error = token, info, error
+        return outs
 
-    def _sample_rows(self, logits, seqs: list[SequenceState], index: list[int],
-                     failed: EngineError) -> dict[int, DecodeOutcome]:
+    def _sample_rows(self, logits, seqs: list[SequenceState]) -> list[tuple[int | None, object, EngineError | None]]:
         rng = self.runner.rng_states(seqs)
         try:
             tokens, infos = self._sample(logits, seqs)
-            return {j: DecodeOutcome(s, t, i) for j, s, t, i in zip(index, seqs, tokens, infos)}
+            return [(t, i, None) for t, i in zip(tokens, infos)]
         except Exception:  # noqa: BLE001 - sample each row alone: only the failing rows fail
             log.exception("sampling failed for a batch of %d; sampling row by row", len(seqs))
         self.runner.restore_rng_states(seqs, rng)
-        outs = {}
-        for row, (j, s) in enumerate(zip(index, seqs)):
+        outs = []
+        for row, s in enumerate(seqs):
             try:
                 tokens, infos = self._sample(logits[row:row + 1], [s])
-                outs[j] = DecodeOutcome(s, tokens[0], infos[0])
+                outs.append((tokens[0], infos[0], None))
             except Exception:  # noqa: BLE001
                 log.exception("sampling failed for %s", s.request.request_id)
-                outs[j] = DecodeOutcome(s, error=failed)
+                outs.append((None, None, DECODE_FAILED))
         return outs
 
     def _forward_culprit(self, seqs: list[SequenceState]) -> SequenceState | None:

@@ -135,12 +135,11 @@ def _engine_main(inbox, outbox, config) -> None:
             outbox.send(msg)
 
     try:
-        engine = build_engine(config)
+        engine = build_engine(config, sink=lambda batch, stats: send(StepReport(batch, stats)))
     except Exception as e:  # noqa: BLE001 - reported to the API process, which fails its start-up
         log.exception("engine process: loading failed")
         send(LoadFailed(f"{type(e).__name__}: {e}"))
         return
-    engine.deliver = lambda batch, stats: send(StepReport(batch, stats))
     # Ready first: the engine loop's first report must not arrive before it (messages meanwhile wait
     # in the pipe until the loop below reads them).
     send(Ready(dataclasses.replace(engine.info, tokenizer=None)))
@@ -156,7 +155,7 @@ def _engine_main(inbox, outbox, config) -> None:
                     pixels = _read_array(inbox.fileno(), shape, dtype)
                     request.images[index] = dataclasses.replace(request.images[index], pixels=pixels)
                 try:
-                    engine.submit_detached(request)
+                    engine.submit(request)
                 except EngineDead:
                     gone = Event.failed(ErrorKind.UNAVAILABLE, "the engine is not running")
                     send(StepReport([(request.request_id, gone)], EngineStats()))

@@ -1,5 +1,6 @@
-"""The model side of the engine: device, KV cache, vision encoding, prefill chunks, one batched
-decode forward per step, and sampling. Runs on the engine thread (`encode` on the vision thread)."""
+"""The model side of the engine: device, KV cache, vision encoding, preparing prompts, prefill
+chunks, one batched decode forward per step, and sampling. It reads the scheduler's block tables
+and positions and never writes them. Runs on the engine thread (`encode` on the vision thread)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from model.modeling import ImageFeatures, ImageReport
 from model.grammar import GrammarCompiler, GrammarError, Matcher, apply_masks, shared_compiler
 from model.sampling import SequenceSampler, TokenLogprob, sample
 
-from .detokenizer import IncrementalDetokenizer
-from .scheduler import SequenceState
+from .sequence import SequenceState
 from .vision import without_pixels
 from .vision_cache import CacheMiss, VisionCache
 
@@ -77,13 +77,12 @@ def position_keys(input_ids: list[int], digests: list[str | None], reports: list
 
 
 class RunnerState:
-    """Per-sequence runner state."""
+    """Per-sequence runner state: how it samples, and what its images became."""
 
-    def __init__(self, sampler: SequenceSampler, detok: IncrementalDetokenizer, matcher: Matcher | None = None):
+    def __init__(self, sampler: SequenceSampler, images: list[ImageReport], matcher: Matcher | None = None):
         self.sampler = sampler
-        self.detok = detok
+        self.images = images  # one report per image: rows, kept local tokens
         self.matcher = matcher  # structured output: where the sequence is in its grammar
-        self.images: list[ImageReport] = []
 
 
 class ModelRunner:
@@ -234,59 +233,51 @@ class ModelRunner:
         return feats  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def begin(self, seq: SequenceState) -> None:
-        """Selection and prompt embedding for a newly admitted sequence (features ready)."""
-        req = seq.request
-        feats = req.features if req.features is not None else self.encode(req.images)
-        embeds, reports = self.model.embed_prompt(req.input_ids, feats, slime_selection=req.slime_selection)  # [T, D]
+    def prepare(self, seq: SequenceState, like: SequenceState | None = None) -> float | None:
+        """Before a sequence is first scheduled: image-token selection and the prompt's embeddings
+        `[T, D]` (a text prompt is embedded chunk by chunk instead: nothing held while it waits),
+        its exact length and the sampling state. `like`: another choice of the same request,
+        prepared, whose prompt it shares. -> seconds spent encoding images here (no vision thread)."""
+        req, seconds = seq.request, None
+        if like is not None:
+            seq.embeds, seq.prompt_len, seq.position_keys = like.embeds, like.prompt_len, like.position_keys
+            reports = like.state.images
+        elif req.images:
+            feats = req.features
+            if feats is None:  # no vision thread: encode here
+                t0 = time.perf_counter()
+                feats = self.encode(req.images)
+                seconds = time.perf_counter() - t0
+            seq.embeds, reports = self.model.embed_prompt(req.input_ids, feats,
+                                                          slime_selection=req.slime_selection)  # [T, D]
+            seq.prompt_len = seq.embeds.shape[0]
+        else:
+            seq.prompt_len, reports = len(req.input_ids), []
         req.features = None
         req.images = without_pixels(req.images)  # the digests stay (prefix keys); the pixels are done with
-        seq.embeds = embeds
-        seq.prompt_len = embeds.shape[0]
-        seq.position_keys = position_keys(req.input_ids, [img.digest for img in req.images], reports, seq.prompt_len)
+        if like is None:
+            seq.position_keys = position_keys(req.input_ids, [img.digest for img in req.images], reports,
+                                              seq.prompt_len)
         limit = min(self.max_model_len, self.cache.max_len)
         if seq.prompt_len + req.params.max_tokens > limit:
             where = "the context" if limit == self.max_model_len else "the KV cache (--kv-cache-mb)"
             raise PromptTooLong(f"the prompt needs {seq.prompt_len} positions (image rows included) and "
                                 f"{req.params.max_tokens} were asked for the completion: more than the "
                                 f"{limit} of {where}")
-        seq.state = self._new_state(req, reports)
-
-    def _new_state(self, req, reports: list[ImageReport]) -> RunnerState:
-        """Sampling, detokenizing and grammar state for a request starting its output."""
         matcher = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
-        state = RunnerState(SequenceSampler(req.params, req.input_ids, self.device),
-                         IncrementalDetokenizer(self.lm.tokenizer, req.params.stop,
-                                                [t for t in req.input_ids[-4:] if t >= 0]), matcher)
-        state.images = reports
-        return state
+        seq.state = RunnerState(SequenceSampler(req.params, req.input_ids, self.device), reports, matcher)
+        return seconds
 
     @torch.inference_mode()
-    def prefill_chunk(self, seq: SequenceState, end: int) -> tuple[int, TokenLogprob | None] | None:
-        """Run the prompt positions up to `end` (their blocks are the sequence's); after the last
-        one, sample the first token (unless the sequence has tokens already: preempted, it
-        computes its prompt again)."""
-        start = seq.computed
-        hidden = self.llm.prefill(seq.embeds[start:end], self.cache, start=start, table=seq.blocks)
-        seq.computed = end
-        if end < seq.prompt_len or seq.output_ids:
-            return None
-        logits = self.llm.logits(hidden.unsqueeze(0))  # [1, V]
-        if seq.request.group is not None:  # other choices may start from these logits (see fork)
-            seq.prompt_logits = logits.clone()
-        tokens, infos = self.sample(logits, [seq])
-        return tokens[0], infos[0]
-
-    @torch.inference_mode()
-    def fork(self, parent: SequenceState, child: SequenceState) -> tuple[int, TokenLogprob | None]:
-        """Another choice of `parent`'s request (same prompt, its own sampling): its state, and its
-        first token sampled from the parent's last prompt logits."""
-        req = child.request
-        child.embeds, child.prompt_len = parent.embeds, parent.prompt_len
-        req.features = None
-        child.state = self._new_state(req, parent.state.images)
-        tokens, infos = self.sample(parent.prompt_logits, [child])
-        return tokens[0], infos[0]
+    def prefill_chunk(self, seq: SequenceState, start: int, end: int, sample: bool) -> torch.Tensor | None:
+        """Run prompt positions [start, end) into the sequence's blocks; `sample`: -> the logits
+        `[1, V]` of the last one (for the first token)."""
+        if seq.embeds is not None:
+            x = seq.embeds[start:end]  # [n, D]
+        else:
+            x = self.llm.embed(torch.tensor(seq.request.input_ids[start:end], device=self.device))
+        hidden = self.llm.prefill(x, self.cache, start=start, table=seq.blocks)
+        return self.llm.logits(hidden.unsqueeze(0)) if sample else None
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -335,16 +326,6 @@ class ModelRunner:
                 pass
 
     @staticmethod
-    def advance_grammar(seq: SequenceState, token: int) -> bool:
-        """Feed a sampled token to the sequence's grammar; True once the document is complete."""
-        matcher = seq.state.matcher
-        if matcher is None:
-            return False
-        if not matcher.accept(token):
-            raise RuntimeError(f"token {token} broke the grammar it was sampled under")
-        return matcher.done
-
-    @staticmethod
     def rng_states(seqs: list[SequenceState]) -> list:
         """The sampled sequences' generator states (~5 KB each on the CPU), to sample a step again
         after a failure as if the failed attempt never ran."""
@@ -355,6 +336,3 @@ class ModelRunner:
         for s, state in zip(seqs, states):
             if state is not None:
                 s.state.sampler.generator.set_state(state)
-
-    def is_stop_token(self, seq: SequenceState, token: int) -> bool:
-        return not seq.request.params.ignore_eos and token in self.eos

@@ -1,90 +1,21 @@
 """Which requests run and what each step does (pure Python, no torch).
 
-A bounded waiting queue and a pool of KV-cache blocks (`kv_blocks.BlockPool`). A sequence holds
-the blocks its positions need; a prompt reuses the cached blocks of its longest known prefix.
-`schedule` plans a step, growing each decoding sequence by the block it writes next and
-preempting the newest sequences when blocks run out; `finish_prefill` and `remove` apply a
-step's outcome."""
+A waiting queue and a pool of KV-cache blocks (`kv_blocks.BlockPool`). A sequence holds the
+blocks its positions need; a prompt reuses the cached blocks of its longest known prefix.
+`schedule` returns a complete plan (prompt chunks with their ends and reserved blocks, forks,
+decodes, copies on write), growing each decoding sequence by the block it writes next and
+preempting the newest sequences when blocks run out; `update_from_output` applies what the
+executor returns. The scheduler is the only writer of a sequence's counters and blocks."""
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
-from .kv_blocks import BlockPool, PositionKey, block_key
-from .types import EngineRequest
-
-
-@dataclass(eq=False)  # identity: sequences are looked up in the scheduler's lists
-class SequenceState:
-    """One request in the engine, from admission (or preemption) to its end."""
-
-    request: EngineRequest
-    prompt_len: int = 0  # exact, known after image selection (0 before)
-    computed: int = 0  # positions whose K/V is in the cache
-    embeds: Any = None  # prompt embeddings `[T, D]`, kept until the end (a preempted prompt runs again)
-    prompt_logits: Any = None  # `[1, V]` of the last prompt position, for forks (n>1 siblings), one step
-    output_ids: list[int] = field(default_factory=list)
-    state: Any = None  # runner-side sampling / detokenizer state
-    blocks: list[int] = field(default_factory=list)  # block table: position p in blocks[p // block_size]
-    position_keys: list[PositionKey] | None = None  # what each prompt position holds (see kv_blocks)
-    block_keys: list[bytes] = field(default_factory=list)  # keys of the full blocks known so far
-    registered: int = 0  # blocks[:registered] are keyed in the pool
-    order: int = 0  # admission order: the newest are preempted first
-    preemptions: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-
-    @property
-    def begun(self) -> bool:
-        """Selection and prompt embedding done (prompt_len known)."""
-        return self.state is not None
-
-    @property
-    def prompt_left(self) -> int:
-        """Prompt positions still to prefill (an upper bound before it has begun)."""
-        return max(0, (self.prompt_len if self.begun else self.request.max_prompt_tokens) - self.computed)
-
-    @property
-    def ready(self) -> int:
-        """Positions that must be in the cache before the next token is sampled: the prompt, then
-        each generated token but the last (which the next decode step feeds)."""
-        return self.prompt_len + max(0, len(self.output_ids) - 1)
-
-    @property
-    def replaying(self) -> bool:
-        """Decoding positions lost to preemption: this step feeds an earlier token again."""
-        return self.computed < self.ready
-
-    def token_at(self, position: int) -> int:
-        """The generated token fed at `position` (>= prompt_len)."""
-        return self.output_ids[position - self.prompt_len]
-
-    def position_key(self, position: int, private: bool = False) -> PositionKey:
-        """What was fed at `position`. Generated tokens are keyed apart from prompt tokens: decode
-        computes their K/V, prefill a prompt's, and the two need not agree to the last bit.
-        `private`: keyed for this sequence alone (its own K/V, found again after a preemption)."""
-        if position >= self.prompt_len:
-            token = self.token_at(position)
-            return ("gen", self.request.request_id, token) if private else ("gen", token)
-        return None if self.position_keys is None else self.position_keys[position]
-
-
-@dataclass
-class StepPlan:
-    """One engine step: prompt chunks to run (in order, sharing `prefill_budget` positions), then
-    one batched decode of `decodes`."""
-
-    prefills: list[SequenceState]
-    decodes: list[SequenceState]
-    prefill_budget: int
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy first (copy on write)
-
-    @property
-    def empty(self) -> bool:
-        return not self.prefills and not self.decodes
+from .kv_blocks import BlockPool, block_key
+from .sequence import SequenceState
+from .step import NewToken, PromptChunk, StepOutput, StepPlan, StepUpdate
+from .types import EngineError
 
 
 class Scheduler:
@@ -122,8 +53,10 @@ class Scheduler:
         self.key_generated = key_generated
         self._copies: list[tuple[int, int]] = []  # this step's copies on write
         self.waiting: deque[SequenceState] = deque()
+        self._by_id: dict[str, SequenceState] = {}  # every sequence here, waiting or running
         self.decoding: list[SequenceState] = []
         self.prefilling: list[SequenceState] = []  # admitted, prompt not all in the cache yet
+        self.forking: list[SequenceState] = []  # out of the queue for this step's forks (until its update)
         self._order = itertools.count()
         # counters the engine reads (and resets) for its stats
         self.preempted = 0
@@ -132,50 +65,104 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self.decoding) + len(self.prefilling)
+        return len(self.decoding) + len(self.prefilling) + len(self.forking)
 
     @property
     def has_work(self) -> bool:
         return bool(self.decoding or self.prefilling or self.waiting)
 
-    def add(self, request: EngineRequest) -> None:
-        self.waiting.append(SequenceState(request))
+    def add(self, seq: SequenceState) -> None:
+        self.waiting.append(seq)
+        self._by_id[seq.request.request_id] = seq
 
-    def reset(self) -> None:
-        """Forget every admitted sequence and every block (after a failure of the bookkeeping)."""
-        self.decoding, self.prefilling = [], []
+    @property
+    def num_sequences(self) -> int:
+        """Every sequence here: waiting (prepared or not), running, forking."""
+        return len(self._by_id)
+
+    def get(self, request_id: str) -> SequenceState | None:
+        return self._by_id.get(request_id)
+
+    def group(self, group: str) -> list[SequenceState]:
+        """The waiting choices of one n>1 request."""
+        return [s for s in self.waiting if s.request.group == group]
+
+    def reset(self) -> list[SequenceState]:
+        """Forget every admitted sequence (preempted ones too) and every block, after a failure of
+        the bookkeeping; -> the sequences forgotten. Those never admitted wait on."""
+        dropped = self.decoding + self.prefilling + self.forking + [s for s in self.waiting if s.preemptions]
+        self.decoding, self.prefilling, self.forking = [], [], []
+        self.waiting = deque(s for s in self.waiting if not s.preemptions)
+        for seq in dropped:
+            self._by_id.pop(seq.request.request_id, None)
         self.pool = BlockPool(self.pool.num_blocks, self.block_size, prefix_caching=self.pool.prefix_caching)
+        return dropped
 
     # -- planning ----------------------------------------------------------------------------------
+    def to_prepare(self, prefill_budget: int) -> list[SequenceState]:
+        """Waiting sequences not prepared yet that the next `schedule` may admit (at the head of
+        the queue, within the batch's room and the budget by their upper bounds): preparing them
+        first gives it their exact lengths. Preparing no further keeps the others' image features
+        (bounded, see vision.FeatureBudget) from turning into embeddings early."""
+        todo, room = [], self.max_batch_size - self.num_running
+        budget = prefill_budget - sum(s.prompt_left for s in self.prefilling)
+        for i, seq in enumerate(self.waiting):
+            if i >= room or (i and seq.prompt_left > budget):
+                break
+            budget -= seq.prompt_left
+            if not seq.prepared:
+                todo.append(seq)
+        return todo
+
     def schedule(self, prefill_budget: int) -> StepPlan:
         """Every decoding sequence first, each with a block for the position it writes (oldest
         first; the newest are preempted when blocks run out). Then prompt work: the sequence being
-        prefilled (one chunk if it does not fit), then further waiting prompts while each surely
-        fits whole in what is left of the budget (a prompt's chunks never depend on what else was
-        admitted: same numbers)."""
-        self._copies: list[tuple[int, int]] = []
+        prefilled (one chunk if it does not fit), then further waiting prompts while each fits
+        whole in what is left of the budget (a prompt's chunks never depend on what else was
+        admitted: same numbers). A chunk runs only when its blocks are free (prompt work never
+        preempts); otherwise its sequence waits a step."""
+        self._copies = []
         for seq in sorted(self.decoding, key=lambda s: s.order):
             if seq in self.decoding:  # not preempted for an older one meanwhile
                 self._grow(seq, seq.computed + 1)
         decodes = list(self.decoding)  # a preempted sequence admitted below decodes from the next step
+        started: list[SequenceState] = []
         prefills = list(self.prefilling)
         if not prefills:  # a new prompt starts even if only its first chunk fits
-            seq = self._admit(prefill_budget)
+            seq = self._admit(prefill_budget, started)
             prefills += [seq] if seq is not None else []
         budget = prefill_budget - sum(s.prompt_left for s in prefills)
         while budget > 0 and self.waiting and self.waiting[0].prompt_left <= budget:
-            seq = self._admit(budget)
+            seq = self._admit(budget, started)
             if seq is None:
                 break
             prefills.append(seq)
             budget -= seq.prompt_left
-        return StepPlan(prefills, decodes, prefill_budget, self._copies)
+        return StepPlan(self._chunks(prefills, prefill_budget), decodes, self._copies, started)
+
+    def _chunks(self, prefills: list[SequenceState], budget: int) -> list[PromptChunk]:
+        chunks = []
+        room = self.max_batch_size - self.num_running
+        for seq in prefills:
+            if budget <= 0:
+                break
+            end = min(seq.prompt_len, seq.computed + budget)
+            if not self._reserve(seq, end):
+                continue
+            chunk = PromptChunk(seq, seq.computed, end, first=not seq.preemptions and seq.computed == seq.prefix_hit,
+                                samples=end == seq.prompt_len and not seq.output_ids)
+            if chunk.samples and seq.request.group is not None and room > 0:
+                chunk.forks = self._take_siblings(seq, room)
+                room -= len(chunk.forks)
+            chunks.append(chunk)
+            budget -= end - seq.computed
+        return chunks
 
     def _blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
 
-    def _admit(self, budget: int) -> SequenceState | None:
-        if not self.waiting or self.num_running >= self.max_batch_size:
+    def _admit(self, budget: int, started: list[SequenceState]) -> SequenceState | None:
+        if not self.waiting or self.num_running >= self.max_batch_size or not self.waiting[0].prepared:
             return None
         seq = self.waiting[0]
         first_chunk = min(seq.prompt_left, budget) if seq.prompt_left else 1
@@ -186,11 +173,11 @@ class Scheduler:
         self.waiting.popleft()
         if not seq.preemptions:  # back from a preemption, it keeps its place
             seq.order = next(self._order)
-        if seq.begun:  # preempted earlier: its cached blocks may still be there
-            self.match_prefix(seq)
-            if seq.computed >= seq.prompt_len:
-                self.decoding.append(seq)
-                return None
+            started.append(seq)
+        self._match_prefix(seq)
+        if seq.computed >= seq.prompt_len:  # preempted, and its blocks were all still cached
+            self.decoding.append(seq)
+            return None
         self.prefilling.append(seq)
         return seq
 
@@ -226,8 +213,8 @@ class Scheduler:
         self.preempted += 1
         self.waiting.appendleft(seq)
 
-    # -- blocks of prompts (called by the executor once a prompt's positions are known) ----------
-    def match_prefix(self, seq: SequenceState) -> None:
+    # -- blocks of prompts ---------------------------------------------------------------------------
+    def _match_prefix(self, seq: SequenceState) -> None:
         """Take the cached blocks of the sequence's longest known prefix (never all it needs: the
         position before the next sample is always computed, for its logits).
 
@@ -248,11 +235,12 @@ class Scheduler:
         seq.registered = len(hits)
         seq.computed = len(hits) * self.block_size
         if not seq.preemptions:  # a prompt's first lookup (a preempted one finds its own blocks)
+            seq.prefix_hit = seq.computed
             self.prefix_queried += seq.prompt_len
             self.prefix_hits += seq.computed
 
-    def reserve(self, seq: SequenceState, positions: int) -> bool:
-        """Blocks for a prompt chunk up to `positions`, if free (prompt work never preempts)."""
+    def _reserve(self, seq: SequenceState, positions: int) -> bool:
+        """Blocks for a prompt chunk up to `positions`, if free."""
         need = self._blocks_for(positions) - len(seq.blocks)
         if need > self.pool.num_free:
             return False
@@ -260,7 +248,7 @@ class Scheduler:
             seq.blocks += self.pool.allocate(need)
         return True
 
-    def commit(self, seq: SequenceState) -> None:
+    def _commit(self, seq: SequenceState) -> None:
         """Key the blocks a step filled, so that later prefixes (or this sequence, once preempted)
         can reuse them."""
         full = seq.computed // self.block_size
@@ -283,21 +271,22 @@ class Scheduler:
             seq.block_keys.append(key)
 
     # -- forks: the choices of an n>1 request ----------------------------------------------------
-    def waiting_siblings(self, parent: SequenceState) -> list[SequenceState]:
-        """Choices of `parent`'s request waiting with their prompt not begun, as many as may run."""
+    def _take_siblings(self, parent: SequenceState, room: int) -> list[SequenceState]:
+        """Choices of `parent`'s request waiting, prepared and never admitted, as many as may run;
+        they leave the queue for the step (see `update_from_output`)."""
         group = parent.request.group
-        if group is None:
-            return []
-        room = self.max_batch_size - self.num_running
-        return [s for s in self.waiting if s.request.group == group and not s.begun][:max(0, room)]
+        siblings = [s for s in self.waiting if s.request.group == group and s.prepared and not s.preemptions][:room]
+        for child in siblings:
+            self.waiting.remove(child)
+        self.forking += siblings
+        return siblings
 
-    def fork(self, parent: SequenceState, child: SequenceState) -> None:
-        """`child` (same prompt) starts decoding on `parent`'s blocks, its prompt all computed. The
-        last, partly filled block is shared too, and copied by whichever writes it first."""
-        self.waiting.remove(child)
+    def _fork(self, parent: SequenceState, child: SequenceState) -> None:
+        """`child` (same prompt) decodes on `parent`'s blocks, its prompt all computed. The last,
+        partly filled block is shared too, and copied by whichever writes it first."""
         self.pool.share(parent.blocks)
         child.blocks = list(parent.blocks)
-        child.computed, child.prompt_len = parent.computed, parent.prompt_len
+        child.computed = parent.computed
         child.position_keys, child.block_keys = parent.position_keys, list(parent.block_keys)
         child.registered = parent.registered
         child.order = next(self._order)
@@ -306,26 +295,69 @@ class Scheduler:
         self.prefix_hits += child.prompt_len
 
     # -- applying a step's outcome -----------------------------------------------------------------
-    def finish_prefill(self, seq: SequenceState) -> None:
-        """A fully prefilled sequence joins the decode batch."""
+    def update_from_output(self, plan: StepPlan, output: StepOutput) -> StepUpdate:
+        """Apply what the executor did: positions computed (and keyed), sampled tokens appended,
+        prompts that completed join the decode batch, forks decode on their parent's blocks, and
+        sequences that failed leave (releasing their blocks)."""
+        update = StepUpdate()
+        for seq, out in zip(plan.decodes, output.decodes):
+            if out.error is not None:
+                self._fail(seq, out.error, update)
+            elif out.ran:
+                seq.computed += 1
+                self._commit(seq)
+                if out.token is not None:
+                    seq.output_ids.append(out.token)
+                    update.tokens.append(NewToken(seq, out.token, out.info, False))
+        for chunk, out in zip(plan.chunks, output.chunks):
+            self._apply_chunk(chunk, out, update)
+        self.forking = []
+        return update
+
+    def _apply_chunk(self, chunk: PromptChunk, out, update: StepUpdate) -> None:
+        seq = chunk.seq
+        if out.error is not None:
+            self.waiting.extendleft(reversed(chunk.forks))  # they compute their own prompt later
+            self._fail(seq, out.error, update)
+            return
+        seq.computed = chunk.end
+        self._commit(seq)
+        if chunk.end < seq.prompt_len:  # more chunks to come
+            return
         self.prefilling.remove(seq)
         self.decoding.append(seq)
+        if out.first is None:  # computed again after preemption: it has its tokens
+            return
+        for child, result in zip(chunk.forks, out.forks):
+            if isinstance(result, EngineError):
+                self._by_id.pop(child.request.request_id, None)
+                update.failed.append((child, result))
+                continue
+            self._fork(seq, child)
+            child.output_ids.append(result[0])
+            update.tokens.append(NewToken(child, *result, True))
+        seq.output_ids.append(out.first[0])
+        update.tokens.append(NewToken(seq, *out.first, True))
+
+    def _fail(self, seq: SequenceState, error: EngineError, update: StepUpdate) -> None:
+        self.remove(seq)
+        update.failed.append((seq, error))
 
     def remove(self, seq: SequenceState) -> None:
         """A sequence that finished, failed or was aborted leaves, releasing its blocks."""
-        if seq in self.waiting:  # preempted meanwhile
+        if self._by_id.pop(seq.request.request_id, None) is None:
+            raise RuntimeError(f"{seq.request.request_id} is not in the scheduler (released twice?)")
+        seq.embeds = None
+        if seq in self.waiting:  # not admitted yet, or preempted
             self.waiting.remove(seq)
-            self._forget_private(seq)
-            return
-        if seq not in self.decoding and seq not in self.prefilling:
-            raise RuntimeError(f"{seq.request.request_id} is not running (released twice?)")
+        else:
+            self._leave(seq)
         self._forget_private(seq)
-        self._leave(seq)
 
     def _forget_private(self, seq: SequenceState) -> None:
         """A sequence that ends: its privately keyed blocks (generated positions where decode is
         not batch-invariant) are of no use to anyone else."""
-        if not self.key_generated and seq.begun:
+        if not self.key_generated and seq.prepared:
             first = seq.prompt_len // self.block_size
             self.pool.forget(seq.blocks[first:])  # those it holds
             self.pool.forget_keys(seq.block_keys[first:])  # those it left cached when preempted
@@ -334,11 +366,3 @@ class Scheduler:
         (self.decoding if seq in self.decoding else self.prefilling).remove(seq)
         self.pool.release(seq.blocks)
         seq.blocks = []
-
-    def drop_waiting(self, request_id: str) -> SequenceState | None:
-        for s in self.waiting:
-            if s.request.request_id == request_id:
-                self.waiting.remove(s)
-                self._forget_private(s)
-                return s
-        return None

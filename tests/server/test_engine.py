@@ -183,7 +183,7 @@ def _blocking_hook(stage_to_block: str):
 def _idle(engine: Engine) -> bool:
     s = engine.scheduler
     return (engine.num_requests == 0 and engine.vision.pending == 0 and s.num_running == 0 and not s.waiting
-            and s.pool.num_used == 0 and not engine._by_id)
+            and s.pool.num_used == 0 and s.num_sequences == 0)
 
 
 def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(tiny_lm, ironing):
@@ -223,7 +223,7 @@ def test_an_abort_during_a_chunked_prefill_frees_the_slot_mid_prompt(tiny_lm):
     engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=512), max_batch_size=2, prefill_chunk=16)
     chunks = []
     run_chunk = engine.runner.prefill_chunk
-    engine.runner.prefill_chunk = lambda seq, n: chunks.append(seq.request.request_id) or run_chunk(seq, n)
+    engine.runner.prefill_chunk = lambda seq, *a, **k: chunks.append(seq.request.request_id) or run_chunk(seq, *a, **k)
     hook, entered, release = _blocking_hook("prefill")
     engine.fault_hook = hook
     engine.start()
@@ -335,12 +335,13 @@ def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing)
 
 def test_a_stop_check_that_fails_for_one_sequence_fails_only_that_one(tiny_lm):
     runner = ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256)
-    begin = runner.begin
+    engine = Engine(runner, max_batch_size=4)
+    start = engine.output.start
 
-    def begin_with_a_broken_detokenizer(seq):
-        begin(seq)
+    def start_with_a_broken_detokenizer(seq):
+        start(seq)
         if seq.request.request_id == "r1":  # breaks at its third token: in a decode step
-            add, calls = seq.state.detok.add, []
+            add, calls = seq.output.detok.add, []
 
             def broken(token):
                 calls.append(token)
@@ -348,10 +349,9 @@ def test_a_stop_check_that_fails_for_one_sequence_fails_only_that_one(tiny_lm):
                     raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
                 return add(token)
 
-            seq.state.detok.add = broken
+            seq.output.detok.add = broken
 
-    runner.begin = begin_with_a_broken_detokenizer
-    engine = Engine(runner, max_batch_size=4)
+    engine.output.start = start_with_a_broken_detokenizer
     engine.start()
     try:
         together = _collect(engine, [_long(i) for i in range(3)])

@@ -14,7 +14,7 @@ import pytest
 
 from model.sampling import SamplingParams
 from server.chat import ChatService
-from server.engine.engine import Engine
+from server.engine.engine import Engine, EngineCore
 from server.engine.runner import ModelRunner
 from server.engine.types import EngineRequest
 from server.protocol import ChatCompletionRequest
@@ -69,11 +69,15 @@ def test_a_fresh_schema_is_compiled_once_per_process_never_on_the_engine_thread(
         built = counting.threads[before:]
         assert len(built) == 1, built  # before: once to validate it, once more in the engine
         assert built[0].startswith("slime-prep")
-        # the engine-process path: a request handed over compiles on a thread of its own
-        events = []
-        engine.deliver = lambda batch, stats: events.extend(batch)
+    finally:
+        engine.stop()
+    # the engine process's core: a request handed over compiles on a thread of its own
+    events = []
+    engine = EngineCore(engine.runner, sink=lambda batch, stats: events.extend(batch), compile_grammars=True)
+    engine.start()
+    try:
         spec = ("json_schema", json.dumps(_schema(2), sort_keys=True))
-        engine.submit_detached(EngineRequest("d1", [1, 5, 6], [], SamplingParams(max_tokens=4, grammar=spec), 3))
+        engine.submit(EngineRequest("d1", [1, 5, 6], [], SamplingParams(max_tokens=4, grammar=spec), 3))
         for _ in range(200):
             if any(ev.finish_reason for _, ev in events):
                 break
