@@ -45,15 +45,13 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def create_app(settings: Settings | None = None, *, service_factory=build_service) -> FastAPI:
-    settings = settings or Settings()
-    state = AppState(settings)
-
+def _lifespan(state: AppState, service_factory):
+    """Load the model in the background (/ready says when), stop the engine at shutdown."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def load():
             try:
-                state.chat, state.engine = await asyncio.to_thread(service_factory, settings, state.metrics)
+                state.chat, state.engine = await asyncio.to_thread(service_factory, state.settings, state.metrics)
                 state.ready = True
             except Exception as e:  # noqa: BLE001 - reported by /ready and the log
                 log.exception("model loading failed")
@@ -67,12 +65,10 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
 
-    app = FastAPI(title="SliME Serve", version="0.1.0", lifespan=lifespan)
-    app.state.slime = state
+    return lifespan
 
-    def count_error(err: APIError) -> None:
-        state.metrics.error(err)
 
+def _error_handlers(app: FastAPI, count_error) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
         count_error(err)
@@ -85,6 +81,17 @@ def create_app(settings: Settings | None = None, *, service_factory=build_servic
         count_error(err)
         return _error_response(err)
 
+
+def create_app(settings: Settings | None = None, *, service_factory=build_service) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings)
+    app = FastAPI(title="SliME Serve", version="0.1.0", lifespan=_lifespan(state, service_factory))
+    app.state.slime = state
+
+    def count_error(err: APIError) -> None:
+        state.metrics.error(err)
+
+    _error_handlers(app, count_error)
     app.openapi = _openapi(app, settings.model_id)  # type: ignore[method-assign]
 
     # Pure ASGI middleware; the last added is the outermost.

@@ -202,23 +202,9 @@ class ChatService:
         return self._sse(req, cid, streams)
 
     async def _sse(self, req: ChatCompletionRequest, cid: str, streams: list) -> AsyncIterator[str]:
-        opts = req.stream_options
-        out = ChunkWriter(cid, int(time.time()), self.model_name, include_usage=bool(opts and opts.include_usage),
-                          continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats))
+        sse = _ChatStream(req, cid, self.model_name, self._logprobs)
         events = merged_events(streams)
-        calls = _ToolCallStreams(req) if req.calls_tool else None
-        # Each choice's role goes with its first token (clients time the first token at the first
-        # data chunk: a role-only chunk at acceptance made their TTFT look like our queueing time).
-        started: set[int] = set()
-
-        def opening(i: int, delta: Delta) -> Delta:
-            if i not in started:
-                started.add(i)
-                delta.role = "assistant"
-            return delta
-
         try:
-            prompt, completion, images = 0, 0, None
             async for i, ev in events:
                 if ev.error is not None:
                     err = engine_error(ev.error)
@@ -227,40 +213,70 @@ class ChatService:
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                     yield "data: [DONE]\n\n"
                     return
-                prompt = ev.prompt_tokens or prompt
-                images = ev.images or images
-                out.count(i, ev)
-                if calls is not None:
-                    delta = calls.delta(i, ev.text, ev.finish_reason)
-                    if delta is not None:
-                        yield out.chunk([ChunkChoice(index=i, delta=opening(i, delta), logprobs=None,
-                                                     finish_reason=None)])
-                elif req.logprobs:
-                    yield out.chunk([ChunkChoice(index=i, delta=opening(i, Delta(content=ev.text)),
-                                                 logprobs=ChoiceLogprobs(content=self._logprobs(ev)),
-                                                 finish_reason=None)])
-                elif ev.text:
-                    if i in started:
-                        yield out.content(i, ev.text)
-                    else:
-                        yield out.chunk([ChunkChoice(index=i, delta=opening(i, Delta(content=ev.text)), logprobs=None,
-                                                     finish_reason=None)])
+                chunk = sse.token(i, ev)
+                if chunk:
+                    yield chunk
                 if ev.finish_reason:
-                    completion += ev.completion_tokens
-                    finish = "tool_calls" if calls is not None and ev.finish_reason == "stop" else ev.finish_reason
-                    # an answer with no text at all still names its role, in its last chunk
-                    delta = Delta() if i in started else opening(i, Delta(content=None if calls else ""))
-                    final = ChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=finish)
-                    slime = _selection(images) if req.slime_selection and i == 0 else None
-                    yield out.chunk([final], slime=slime)
-            if out.include_usage:
-                yield out.chunk([], Usage(prompt_tokens=prompt, completion_tokens=completion,
-                                          total_tokens=prompt + completion))
+                    yield sse.final(i, ev)
+            if sse.out.include_usage:
+                yield sse.usage()
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()  # closing an engine stream early aborts its request
             for s in streams:
                 await s.aclose()
+
+
+class _ChatStream:
+    """The chunks of one streamed chat completion, by event kind: a token's (text, tool-call
+    arguments or logprobs), a choice's last, and the usage."""
+
+    def __init__(self, req: ChatCompletionRequest, cid: str, model: str, logprobs):
+        opts = req.stream_options
+        self.req, self.logprobs = req, logprobs
+        self.out = ChunkWriter(cid, int(time.time()), model, include_usage=bool(opts and opts.include_usage),
+                               continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats))
+        self.calls = _ToolCallStreams(req) if req.calls_tool else None
+        # Each choice's role goes with its first token (clients time the first token at the first
+        # data chunk: a role-only chunk at acceptance made their TTFT look like our queueing time).
+        self.started: set[int] = set()
+        self.prompt = self.completion = 0
+        self.images = None
+
+    def _opening(self, i: int, delta: Delta) -> Delta:
+        if i not in self.started:
+            self.started.add(i)
+            delta.role = "assistant"
+        return delta
+
+    def _chunk(self, i: int, delta: Delta, logprobs=None) -> str:
+        return self.out.chunk([ChunkChoice(index=i, delta=self._opening(i, delta), logprobs=logprobs,
+                                           finish_reason=None)])
+
+    def token(self, i: int, ev) -> str | None:
+        self.prompt = ev.prompt_tokens or self.prompt
+        self.images = ev.images or self.images
+        self.out.count(i, ev)
+        if self.calls is not None:
+            delta = self.calls.delta(i, ev.text, ev.finish_reason)
+            return None if delta is None else self._chunk(i, delta)
+        if self.req.logprobs:
+            return self._chunk(i, Delta(content=ev.text), ChoiceLogprobs(content=self.logprobs(ev)))
+        if not ev.text:
+            return None
+        return self.out.content(i, ev.text) if i in self.started else self._chunk(i, Delta(content=ev.text))
+
+    def final(self, i: int, ev) -> str:
+        self.completion += ev.completion_tokens
+        finish = "tool_calls" if self.calls is not None and ev.finish_reason == "stop" else ev.finish_reason
+        # an answer with no text at all still names its role, in its last chunk
+        delta = Delta() if i in self.started else self._opening(i, Delta(content=None if self.calls else ""))
+        slime = _selection(self.images) if self.req.slime_selection and i == 0 else None
+        return self.out.chunk([ChunkChoice(index=i, delta=delta, logprobs=None, finish_reason=finish)], slime=slime)
+
+    def usage(self) -> str:
+        return self.out.chunk([], Usage(prompt_tokens=self.prompt, completion_tokens=self.completion,
+                                        total_tokens=self.prompt + self.completion))
 
 
 def _selection(images) -> SliMEReport:

@@ -49,9 +49,12 @@ class Metrics:
         self.image_tokens = Counter("slime_image_tokens", "SliME image tokens by kind", ["kind"], registry=r)
         self.vision_cache = Counter("slime_vision_cache", "Vision-feature cache lookups", ["result"], registry=r)
         self.images = Counter("slime_images", "Images received", registry=r)
-        # The model-server protocol that gateways read (Gateway API Inference Extension, vLLM's
-        # router, production-stack): vLLM's names and meanings, beside ours.
-        m = ["model_name"]
+        self._gateway_gauges(model_name)
+
+    def _gateway_gauges(self, model_name: str) -> None:
+        """The model-server protocol that gateways read (Gateway API Inference Extension, vLLM's
+        router, production-stack): vLLM's names and meanings, beside ours."""
+        r, m = self.registry, ["model_name"]
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to run", m, registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (decoding or prefilling)", m,
                                   registry=r)

@@ -9,7 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Engine, EngineCore, Sink, StatsObserver
+from .client import Engine, StatsObserver
+from .engine import EngineCore, Sink
 
 log = logging.getLogger(__name__)
 

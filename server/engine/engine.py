@@ -1,10 +1,9 @@
-"""The engine core: a thread that owns the model and runs schedule -> execute -> update steps,
-and the in-process client (`Engine`) through which requests come in and their events go out.
+"""The engine core: a thread that owns the model and runs schedule -> execute -> update steps.
 
 Each step the scheduler plans (prompt chunks, forks, one batched decode), the executor runs the
 plan, the scheduler applies its output (the only writer of counters and blocks), and the output
 processor turns the new tokens into events. Every step's events and stats go to one sink: the
-in-process client's streams, or the engine process's pipe (`process.py`)."""
+in-process client's streams (`client.Engine`), or the engine process's pipe (`process.py`)."""
 
 from __future__ import annotations
 
@@ -16,15 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from .executor import PREFILL_FAILED, FaultHook, StepExecutor
+from .executor import FaultHook, StepExecutor
 from .interface import EngineDead
 from .kv_blocks import BlockPool
 from .output import OutputProcessor
-from .runner import ModelRunner, PromptTooLong
+from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import SequenceState
 from .stats import StepStats
-from .streams import RequestStream, StreamRegistry
 from .types import CachedImage, EngineError, EngineRequest, EngineStats, ErrorKind, Event, FinishedRequest, ModelInfo
 from .vision import FeatureBudget, VisionStage, name_os_thread
 from .vision_cache import CacheMiss
@@ -33,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # Where a step's (request_id, Event) pairs and its stats go
 Sink = Callable[[list[tuple[str, Event]], EngineStats], None]
-StatsObserver = Callable[[EngineStats], None]
 
 
 @dataclass
@@ -260,26 +257,18 @@ class EngineCore:
             self.output.finished(seq, "abort", self._stats, status="aborted")
 
     def _prepare(self, seq: SequenceState) -> None:
-        """Selection and embedding before the scheduler plans `seq` (and the other choices of its
-        request waiting, which share its prompt); a failure fails the request."""
-        for s in [seq] + ([c for c in self.scheduler.group(seq.request.group) if not c.prepared and c is not seq]
-                          if seq.request.group is not None else []):
-            try:
-                seconds = self.runner.prepare(s, like=None if s is seq else seq)
-            except (CacheMiss, PromptTooLong) as e:
-                self._fail(s, EngineError(ErrorKind.RETRY if isinstance(e, CacheMiss) else ErrorKind.INVALID_REQUEST,
-                                          str(e)))
+        """Selection and embedding before the scheduler plans `seq`, and the other choices of its
+        request waiting (they share its prompt); a failure fails that request."""
+        group = self.scheduler.group(seq.request.group) if seq.request.group is not None else []
+        for s in [seq] + [s for s in group if not s.prepared and s is not seq]:
+            outcome = self.executor.prepare(s, like=None if s is seq else seq)
+            if isinstance(outcome, EngineError):
+                self._fail(s, outcome)
                 if s is seq:
                     return
-                continue
-            except Exception:  # noqa: BLE001 - fails this request only
-                log.exception("preparing %s failed", s.request.request_id)
-                self._fail(s, PREFILL_FAILED)
-                if s is seq:
-                    return
-                continue
-            self.output.start(s)
-            StepStats.images(self._stats, s.state.images, seconds)
+            else:
+                self.output.start(s)
+                StepStats.images(self._stats, s.state.images, outcome)
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> None:
@@ -288,14 +277,11 @@ class EngineCore:
             if not seq.prepared:  # a sibling may have been prepared with it
                 self._prepare(seq)
         plan = self.scheduler.schedule(self.prefill_chunk)
-        now = time.monotonic()
-        self._stats.queue_time += [now - s.request.arrival for s in plan.started]
+        self._stats.queue_time += [time.monotonic() - s.request.arrival for s in plan.started]  # forks too
         output = self.executor.execute(plan)
         if plan.decodes:
             self._stats.batch_sizes.append(len(plan.decodes))
         update = self.scheduler.update_from_output(plan, output)
-        for child in (c for chunk in plan.chunks for c in chunk.forks):
-            self._stats.queue_time.append(now - child.request.arrival)
         for seq, error in update.failed:
             self._report_failure(seq, error)
         finished, failed = self.output.process(update.tokens, self._stats)
@@ -312,42 +298,3 @@ class EngineCore:
     def _report_failure(self, seq: SequenceState, error: EngineError) -> None:
         self._emit(seq.request.request_id, Event.failed(error.kind, error.message))
         self.output.finished(seq, "error", self._stats, status="error")
-
-
-class Engine(EngineCore):
-    """The in-process client (implements `EngineClient`): the core on a thread of this process,
-    each request's events on a `RequestStream` of the caller's event loop."""
-
-    def __init__(self, runner: ModelRunner, *, on_stats: StatsObserver | None = None, **kwargs):
-        self._streams = StreamRegistry(self.abort)
-        self.on_stats = on_stats
-        super().__init__(runner, sink=self._to_streams, **kwargs)
-
-    def submit(self, request: EngineRequest) -> RequestStream:  # type: ignore[override]
-        """Hand a request to the engine now; iterate the returned stream for its events. Closing
-        the stream early (client gone) aborts the request and frees its blocks at the next step."""
-        if not self.alive:
-            raise EngineDead("the engine is not running")
-        stream = self._streams.open(request.request_id)
-        try:
-            super().submit(request)
-        except EngineDead:
-            self._streams.discard(request.request_id)
-            raise
-        if not self.alive:  # stopped meanwhile: its last sweep may have missed this stream
-            self._streams.discard(request.request_id)
-            raise EngineDead("the engine is not running")
-        return stream
-
-    def abort(self, request_id: str) -> None:
-        self._streams.discard(request_id)
-        super().abort(request_id)
-
-    def _to_streams(self, batch: list[tuple[str, Event]], stats: EngineStats) -> None:
-        if batch:
-            self._streams.dispatch(batch)
-        if self.on_stats is not None:
-            try:
-                self.on_stats(stats)
-            except Exception:  # noqa: BLE001 - a metrics bug must not stop the engine
-                log.exception("the engine's stats observer failed")

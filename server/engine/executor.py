@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .runner import ModelRunner
+from .runner import ModelRunner, PromptTooLong
 from .sequence import SequenceState
 from .step import ChunkOutput, DecodeOutput, PromptChunk, Sampled, StepOutput, StepPlan
 from .types import EngineError, EngineRequest, ErrorKind
@@ -52,6 +52,18 @@ class StepExecutor:
         self.inject("vision", requests)
         for request, feats in zip(requests, self.runner.encode_many([r.images for r in requests])):
             request.features = feats
+
+    def prepare(self, seq: SequenceState, like: SequenceState | None = None) -> float | None | EngineError:
+        """`runner.prepare` (see there) -> seconds spent encoding inline, or what failed it."""
+        try:
+            return self.runner.prepare(seq, like=like)
+        except CacheMiss as e:
+            return EngineError(ErrorKind.RETRY, str(e))
+        except PromptTooLong as e:
+            return EngineError(ErrorKind.INVALID_REQUEST, str(e))
+        except Exception:  # noqa: BLE001 - fails this request only
+            log.exception("preparing %s failed", seq.request.request_id)
+            return PREFILL_FAILED
 
     def execute(self, plan: StepPlan) -> StepOutput:
         self.runner.copy_blocks(plan.copies)  # before anything writes to the copies

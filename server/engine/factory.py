@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .build import EngineConfig, build_engine
-from .engine import StatsObserver
+from .client import StatsObserver
 from .interface import EngineClient
 from .process import ProcessEngineClient
 

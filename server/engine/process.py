@@ -121,6 +121,30 @@ def _read_array(fd: int, shape, dtype) -> np.ndarray:
     return array
 
 
+def _serve_messages(engine, inbox, send) -> None:
+    """The API process's messages, one at a time, until Shutdown or the engine stops."""
+    while engine.alive:
+        if not inbox.poll(0.25):
+            continue
+        msg = inbox.recv()
+        if isinstance(msg, AddRequest):
+            request = msg.request
+            for index, shape, dtype in msg.arrays:  # its pixels follow, raw
+                pixels = _read_array(inbox.fileno(), shape, dtype)
+                request.images[index] = dataclasses.replace(request.images[index], pixels=pixels)
+            try:
+                engine.submit(request)
+            except EngineDead:
+                gone = Event.failed(ErrorKind.UNAVAILABLE, "the engine is not running")
+                send(StepReport([(request.request_id, gone)], EngineStats()))
+        elif isinstance(msg, AbortRequest):
+            engine.abort(msg.request_id)
+        elif isinstance(msg, LookupImage):
+            send(ImageFound(msg.key, engine.cached_image(msg.digest)))
+        elif isinstance(msg, Shutdown):
+            break
+
+
 def _engine_main(inbox, outbox, config) -> None:
     """Entry point of the engine process: load, warm up, then serve messages until Shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when this one stops
@@ -145,26 +169,7 @@ def _engine_main(inbox, outbox, config) -> None:
     send(Ready(dataclasses.replace(engine.info, tokenizer=None)))
     engine.start()
     try:
-        while engine.alive:
-            if not inbox.poll(0.25):
-                continue
-            msg = inbox.recv()
-            if isinstance(msg, AddRequest):
-                request = msg.request
-                for index, shape, dtype in msg.arrays:  # its pixels follow, raw
-                    pixels = _read_array(inbox.fileno(), shape, dtype)
-                    request.images[index] = dataclasses.replace(request.images[index], pixels=pixels)
-                try:
-                    engine.submit(request)
-                except EngineDead:
-                    gone = Event.failed(ErrorKind.UNAVAILABLE, "the engine is not running")
-                    send(StepReport([(request.request_id, gone)], EngineStats()))
-            elif isinstance(msg, AbortRequest):
-                engine.abort(msg.request_id)
-            elif isinstance(msg, LookupImage):
-                send(ImageFound(msg.key, engine.cached_image(msg.digest)))
-            elif isinstance(msg, Shutdown):
-                break
+        _serve_messages(engine, inbox, send)
     except (EOFError, OSError):  # the API process is gone
         pass
     finally:

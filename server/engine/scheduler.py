@@ -138,7 +138,9 @@ class Scheduler:
                 break
             prefills.append(seq)
             budget -= seq.prompt_left
-        return StepPlan(self._chunks(prefills, prefill_budget), decodes, self._copies, started)
+        chunks = self._chunks(prefills, prefill_budget)
+        started += [child for chunk in chunks for child in chunk.forks]
+        return StepPlan(chunks, decodes, self._copies, started)
 
     def _chunks(self, prefills: list[SequenceState], budget: int) -> list[PromptChunk]:
         chunks = []

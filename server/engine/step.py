@@ -35,7 +35,7 @@ class StepPlan:
     chunks: list[PromptChunk]
     decodes: list[SequenceState]
     copies: list[tuple[int, int]] = field(default_factory=list)
-    started: list[SequenceState] = field(default_factory=list)  # admitted for the first time (queue time ends)
+    started: list[SequenceState] = field(default_factory=list)  # admitted or forked for the first time (queue time ends)
 
     @property
     def empty(self) -> bool:

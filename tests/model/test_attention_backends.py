@@ -68,7 +68,7 @@ def test_the_triton_backend_serves_through_the_engine(tiny_dir):
 
     from model import paged_attention_triton
     from model.sampling import SamplingParams
-    from server.engine.engine import Engine
+    from server.engine.client import Engine
     from server.engine.runner import ModelRunner
     from server.engine.types import EngineRequest
 

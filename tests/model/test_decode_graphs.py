@@ -114,7 +114,7 @@ def test_a_capture_failing_while_serving_blames_no_request(tiny_lm, monkeypatch)
     import asyncio
 
     from model.sampling import SamplingParams
-    from server.engine.engine import Engine
+    from server.engine.client import Engine
     from server.engine.runner import ModelRunner
     from server.engine.types import EngineRequest
 

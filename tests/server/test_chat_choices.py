@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from server.chat import ChatService
-from server.engine.engine import Engine
+from server.engine.client import Engine
 from server.engine.runner import ModelRunner
 from server.engine.streams import StreamRegistry
 from server.errors import APIError

@@ -14,7 +14,8 @@ import pytest
 
 from model.sampling import SamplingParams
 from server.chat import ChatService
-from server.engine.engine import Engine, EngineCore
+from server.engine.client import Engine
+from server.engine.engine import EngineCore
 from server.engine.runner import ModelRunner
 from server.engine.types import EngineRequest
 from server.protocol import ChatCompletionRequest

@@ -17,7 +17,7 @@ from model.generation import generate
 from model.loading import LoadOptions, load_model
 from model.sampling import SamplingParams
 from model.templates import Message
-from server.engine.engine import Engine
+from server.engine.client import Engine
 from server.engine.runner import ModelRunner
 from server.engine.types import EngineRequest
 from server.settings import Settings

@@ -10,7 +10,7 @@ import pytest
 from model.config import IMAGE_TOKEN_INDEX
 from model.processor import prepare_image
 from model.sampling import SamplingParams
-from server.engine.engine import Engine
+from server.engine.client import Engine
 from server.engine.runner import ModelRunner
 from server.engine.types import EngineRequest
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from model.sampling_params import SamplingParams
-from server.engine.engine import Engine
+from server.engine.client import Engine
 from server.engine.runner import ModelRunner
 from server.engine.types import EngineRequest
 from server.settings import Settings

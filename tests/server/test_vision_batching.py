@@ -11,7 +11,7 @@ import torch
 
 from model.processor import prepare_image
 from model.sampling import SamplingParams
-from server.engine.engine import Engine
+from server.engine.client import Engine
 from server.engine.runner import ModelRunner
 from server.engine.types import EngineRequest
 from tests.server.faults import POISON
