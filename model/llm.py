@@ -120,8 +120,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear` through oneDNN with a packed weight (CPU float32): ~2x faster than MKL's sgemm
-    for decode's few rows on this project's CPU, and row-invariant like the padded GEMM (each
+    """`F.linear` through oneDNN with a packed weight (CPU float32): faster than MKL's sgemm
+    for decode's few rows (BENCHMARKS.md), and row-invariant like the padded GEMM (each
     row's result does not depend on how many rows there are; tested with 1-4 threads). Where one
     row would take another kernel than several, it goes with a zero row (see _SINGLE_ROW_DIFFERS)."""
     shape = x.shape
@@ -402,9 +402,9 @@ class LlamaForCausalLM(nn.Module):
 
     def enable_inplace_decode_attention(self) -> bool:
         """CPU float32: decode RoPE, cache write and attention as one compiled loop over each row's
-        blocks instead of a gather and two matmuls (the decode step x1.2-4.4 faster on the small checkpoint,
-        BENCHMARKS.md; batch-invariant by construction). False (nothing changed) where the cache would not be CPU
-        float32 or numba is missing."""
+        blocks instead of a gather and two matmuls (faster: BENCHMARKS.md; batch-invariant by
+        construction). False (nothing changed) where the cache would not be CPU float32 or numba is
+        missing."""
         w = self.lm_head.weight
         if not paged_attention_cpu.available() or w.device.type != "cpu" or w.dtype != torch.float32:
             return False

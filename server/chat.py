@@ -82,7 +82,7 @@ class ChatService:
         self.check_model(req.model)
         with self.admitted(req.n):
             prepared = await self._prepare(req)
-            params = self.preparer.sampling_params(req, prepared.max_prompt_tokens)
+            params = self.preparer.sampling_params(req, prepared)
         cid = "chatcmpl-" + uuid.uuid4().hex
         return cid, await self.submit(self.preparer.engine_requests(req, cid, prepared, params))
 

@@ -18,7 +18,7 @@ from model.sampling_params import SamplingParams
 from .engine.types import EngineRequest, Event
 from .errors import bad_request, engine_error
 from .protocol import (GREEDY_BELOW, REPETITION_PENALTY_FLOOR, SEED_MAX, SEED_MIN, TOP_P_FLOOR, GatewayExtensions,
-                       StreamOptions, check_unicode)
+                       StreamOptions, check_unicode, sampling_fields)
 
 if TYPE_CHECKING:
     from .chat import ChatService
@@ -77,6 +77,11 @@ class CompletionRequest(GatewayExtensions):
     def stop_list(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters (legacy `logprobs`: how many alternatives per token)."""
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs is not None,
+                              top_logprobs=self.logprobs or 0, **sampling_fields(self))
+
     def check_supported(self, *, max_n: int, max_stop: int, vocab: int) -> None:
         for name in UNSUPPORTED_COMPLETION_FIELDS:
             if getattr(self, name) is not None:
@@ -115,12 +120,7 @@ class CompletionService:
             ids = req.prompt if isinstance(req.prompt, list) else await asyncio.to_thread(
                 lambda: self.tokenizer(req.prompt).input_ids)
             max_tokens = chat.preparer.token_budget(req.max_tokens, len(ids), prompt_param="prompt")
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=req.top_p or 1.0, top_k=req.top_k or 0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
-            stop=req.stop_list, ignore_eos=req.ignore_eos, logprobs=req.logprobs is not None,
-            top_logprobs=req.logprobs or 0)
+        params = req.to_sampling_params(max_tokens)
         cid = "cmpl-" + uuid.uuid4().hex
         requests = [EngineRequest(f"{cid}-{i}", list(ids), [],
                                   params if i == 0 or params.seed is None else replace(params, seed=params.seed + i),

@@ -33,6 +33,7 @@ class Prepared:
     input_ids: list[int]
     images: list[Any]
     max_prompt_tokens: int  # image rows counted before selection: an upper bound
+    grammar: tuple[str, str] | None = None  # the request's structured-output grammar, compiled (cached)
 
 
 class RequestPreparer:
@@ -115,8 +116,8 @@ class RequestPreparer:
         if images and not self.info.accepts_images:
             raise bad_request("this model does not accept images", param="messages")
         ids = self.prompt_ids(messages)
-        self.checked_grammar(req)  # compiled here, in the worker thread (then cached)
-        return Prepared(ids, images, self.prompt_bound(ids, images))
+        grammar = self.checked_grammar(req)  # compiled here, once, in the worker thread (then cached)
+        return Prepared(ids, images, self.prompt_bound(ids, images), grammar)
 
     def count(self, messages: list[Message], urls: list[tuple[str, str]],
               fetched: dict[str, bytes]) -> tuple[list[int], list[PreparedImage]]:
@@ -148,16 +149,9 @@ class RequestPreparer:
     def _image_data(url: str, param: str, fetched: dict[str, bytes]) -> bytes:
         return fetched[param] if is_remote(url) and param in fetched else image_bytes(url, param=param, policy=None)
 
-    def sampling_params(self, req: ChatCompletionRequest, prompt_bound: int) -> SamplingParams:
-        max_tokens = self.token_budget(req.max_completion_tokens or req.max_tokens, prompt_bound)
-        grammar = self.checked_grammar(req)
-        temperature = 1.0 if req.temperature is None else req.temperature
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0,
-                              top_k=req.top_k or 0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
-                              frequency_penalty=req.frequency_penalty or 0.0,
-                              repetition_penalty=req.repetition_penalty or 1.0, stop=req.stop_list,
-                              ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
-                              grammar=grammar)
+    def sampling_params(self, req: ChatCompletionRequest, prepared: Prepared) -> SamplingParams:
+        max_tokens = self.token_budget(req.max_completion_tokens or req.max_tokens, prepared.max_prompt_tokens)
+        return req.to_sampling_params(max_tokens, prepared.grammar)
 
     def token_budget(self, max_tokens: int | None, prompt_bound: int, *, prompt_param: str = "messages") -> int:
         """The completion's token limit: the one asked for (at most the cap), else the default; a

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from model.sampling_params import SamplingParams
+
 from .errors import APIError, bad_request
 
 # Fields of OpenAI's API that this server does not implement: a 400 names them.
@@ -58,6 +60,14 @@ class GatewayExtensions(BaseModel):
                 raise bad_request(f"'{name}': {str(getattr(self, name)).lower()} is not supported by this server "
                                   f"(only its default, {str(default).lower()})", param=name,
                                   code="unsupported_parameter")
+
+
+def sampling_fields(req) -> dict[str, Any]:
+    """The sampling knobs chat and completions requests share, at the engine's defaults where unset."""
+    return dict(temperature=1.0 if req.temperature is None else req.temperature, top_p=req.top_p or 1.0,
+                top_k=req.top_k or 0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+                stop=req.stop_list, ignore_eos=req.ignore_eos)
 
 
 class TextPart(StrictModel):
@@ -227,6 +237,12 @@ class ChatCompletionRequest(GatewayExtensions):
     @classmethod
     def _repetition_penalty_floor(cls, v: float | None) -> float | None:
         return None if v is None else max(v, REPETITION_PENALTY_FLOOR)
+
+    def to_sampling_params(self, max_tokens: int, grammar: tuple[str, str] | None) -> SamplingParams:
+        """The engine's sampling parameters for this request (`max_tokens` as budgeted, `grammar`
+        compiled)."""
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0,
+                              grammar=grammar, **sampling_fields(self))
 
     def check_supported(self, *, max_n: int, max_stop: int) -> None:
         for name in UNSUPPORTED_FIELDS:

@@ -25,7 +25,7 @@ class IncrementalDetokenizer:
         self.emitted = 0  # chars of `text` already handed out
         self.stopped = False
         self._prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], cached
-        # The Rust backend decodes ~2x faster than the Python wrapper, with the same text.
+        # The Rust backend decodes faster than the Python wrapper, with the same text.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._fast = backend.decode if backend is not None else None
         self._started = False  # leading whitespace of the answer is dropped, as the reference strips it
