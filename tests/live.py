@@ -132,6 +132,12 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(30)
 
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def metric(self, name: str, labels: str = "") -> float:
         """Sum of the samples of `name` whose label set contains `labels` (e.g. 'status="ok"')."""
         text = httpx.get(self.url + "/metrics").text

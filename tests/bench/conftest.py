@@ -10,6 +10,5 @@ from tests.live import LiveServer
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=4)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=4)) as s:
+        yield s

@@ -20,9 +20,8 @@ ARTIFACTS = ROOT / "artifacts" / "browser"
 def site(tiny_dir):
     from server.settings import Settings
 
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_tokens_cap=4096)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_tokens_cap=4096)) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

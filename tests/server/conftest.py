@@ -11,9 +11,8 @@ from tests.live import LiveServer
 
 @pytest.fixture(scope="session")
 def server(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=16, max_waiting_requests=64)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=16, max_waiting_requests=64)) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +32,7 @@ def aclient(server):
 @pytest.fixture(scope="module")
 def small(tiny_dir):
     """A server with tight request limits (each module that asks gets its own)."""
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=1024, max_request_bytes=300_000,
-                            max_images_per_request=2, max_image_pixels=4_000_000, max_tokens_cap=100, max_n=2,
-                            max_stop=2, max_messages=4)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=1024, max_request_bytes=300_000,
+                             max_images_per_request=2, max_image_pixels=4_000_000, max_tokens_cap=100, max_n=2,
+                             max_stop=2, max_messages=4)) as s:
+        yield s

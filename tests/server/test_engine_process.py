@@ -27,9 +27,8 @@ def _metric_or_zero(server, name, labels=""):
 
 @pytest.fixture(scope="module")
 def ep(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=16, engine_process=True)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=16, engine_process=True)) as s:
+        yield s
     assert not s.state.engine.process.is_alive()  # stopping the server ends the engine process
 
 

@@ -25,10 +25,9 @@ TOKENS = 160
 
 @pytest.fixture(scope="module", params=[False, True], ids=["in-process", "engine-process"])
 def faulty(request, tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=8, engine_process=request.param,
-                            fault_hook="tests.server.faults:poison")).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=8, engine_process=request.param,
+                             fault_hook="tests.server.faults:poison")) as s:
+        yield s
 
 
 def _errors(server) -> float:

@@ -401,10 +401,9 @@ def test_truncated_and_corrupted_files(cfgs):
 # -- through the server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=4096, max_image_pixels=64_000_000,
-                            max_request_bytes=4_000_000)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_model_len=4096, max_image_pixels=64_000_000,
+                             max_request_bytes=4_000_000)) as s:
+        yield s
 
 
 def _url(data: bytes, mime: str = "image/png") -> str:

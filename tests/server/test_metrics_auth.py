@@ -13,10 +13,9 @@ from tests.live import LiveServer
 
 @pytest.fixture(scope="module", params=[True, False], ids=["protected", "open"])
 def keyed(request, tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=2, api_key=["k1", "k2"],
-                            protect_metrics=request.param)).start()
-    yield s, request.param
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=2, api_key=["k1", "k2"],
+                             protect_metrics=request.param)) as s:
+        yield s, request.param
 
 
 def _get(s, path: str, key: str | None = None) -> httpx.Response:

@@ -28,10 +28,9 @@ def _photo_urls() -> list[str]:
 
 @pytest.fixture(scope="module")
 def paged(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", kv_cache_mb=8, max_model_len=4096, max_batch_size=32,
-                            max_waiting_requests=64)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", kv_cache_mb=8, max_model_len=4096, max_batch_size=32,
+                             max_waiting_requests=64)) as s:
+        yield s
 
 
 def _client(server):

@@ -44,9 +44,8 @@ TIME = {"type": "function", "function": {
 
 @pytest.fixture(scope="module", params=[False, True], ids=["in-process", "engine-process"])
 def srv(request, tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", engine_process=request.param)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", engine_process=request.param)) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

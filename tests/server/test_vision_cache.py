@@ -160,9 +160,8 @@ def test_random_use_keeps_the_byte_count_and_the_bound(clock):
 # -- through the server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_cache_server(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=4, vision_cache_mb=1)).start()
-    yield s
-    s.stop()
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=4, vision_cache_mb=1)) as s:
+        yield s
 
 
 def _ask(srv, url: str, **extra) -> httpx.Response:
