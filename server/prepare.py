@@ -55,15 +55,9 @@ class RequestPreparer:
         note = tools_prompt(req)
         if note is not None:
             messages.append(Message("system", note))
-        for i, m in enumerate(req.messages):
+        for i, m in enumerate(req.messages):  # each fits its role (ChatMessage's validator)
             role = "system" if m.role == "developer" else m.role
-            if m.tool_calls and role != "assistant":
-                raise bad_request("only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
-            if (role == "tool") != (m.tool_call_id is not None):
-                raise bad_request("tool messages, and only they, need tool_call_id", param=f"messages[{i}]")
-            if m.content is None:
-                if role != "assistant":
-                    raise bad_request("content is required", param=f"messages[{i}].content")
+            if m.content is None:  # an assistant turn that only called tools
                 messages.append(Message("assistant", tool_call_turn(m) if m.tool_calls else ""))
                 continue
             if role == "tool":  # a function's result: the model reads it in a user turn
@@ -74,21 +68,12 @@ class RequestPreparer:
             if isinstance(m.content, str):
                 messages.append(Message(role, m.content + ("\n" + tool_call_turn(m) if m.tool_calls else "")))
                 continue
-            texts, n_img = [], 0
-            for j, part in enumerate(m.content):
-                if part.type == "text":
-                    texts.append(part.text)
-                else:
-                    if role != "user":
-                        raise bad_request("only user messages can carry images", param=f"messages[{i}].content[{j}]")
-                    if part.image_url.detail == "low":
-                        raise bad_request("detail 'low' is not supported: SliME always slices the image",
-                                          param=f"messages[{i}].content[{j}].image_url.detail")
-                    urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
-                    n_img += 1
+            texts = [p.text for p in m.content if p.type == "text"]
+            images = [(j, p) for j, p in enumerate(m.content) if p.type == "image_url"]
+            urls += [(p.image_url.url, f"messages[{i}].content[{j}].image_url.url") for j, p in images]
             if m.tool_calls:
                 texts.append(tool_call_turn(m))
-            messages.append(Message(role, "\n".join(texts), n_img))
+            messages.append(Message(role, "\n".join(texts), len(images)))
         if len(urls) > self.settings.max_images_per_request:
             raise bad_request(f"at most {self.settings.max_images_per_request} images per request",
                               param="messages", code="too_many_images")

@@ -5,11 +5,14 @@ into a 400 before any work is done.
   response format), plus SliME's `slime_selection` extension. Unknown fields are rejected, never
   ignored; types are strict (no `"2"` for an integer, no `"yes"` for a boolean), as OpenAI's API
   has them; content parts are tagged by hand so that a bad part gets its own error.
+- Per-message checks (a message's fields fit its role: tool_calls, tool_call_id, content, images,
+  detail) as a validator, raised as `request_check`s whose 400 names the field.
 - Range checks and float32 floors (a tiny temperature is greedy; top_p and repetition_penalty are
   floored), `check_supported` (fields of OpenAI's API this server refuses by name,
   `UNSUPPORTED_FIELDS`, and limits on n and stop) and `check_unicode` (lone UTF-16 surrogates).
 
-Turning a request into `SamplingParams` is `server.prepare.RequestPreparer.sampling_params`.
+A request builds its own `SamplingParams` (`to_sampling_params`); the server's limits that depend
+on settings (messages and images per request, the token budget) are `server.prepare`'s.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from model.sampling_params import SamplingParams
 
-from .errors import APIError, bad_request
+from .errors import REQUEST_CHECK, APIError, bad_request
 
 # Fields of OpenAI's API that this server does not implement: a 400 names them.
 UNSUPPORTED_FIELDS = ("functions", "function_call", "logit_bias",
@@ -117,12 +121,34 @@ class ToolCall(StrictModel):
     function: ToolCallFunction
 
 
+def request_check(message: str, field: str = "") -> PydanticCustomError:
+    """A request check's failure, raised in a validator: a 400 whose param is the failing model's
+    location and `field` within it (`messages[1]` + `tool_calls`)."""
+    return PydanticCustomError(REQUEST_CHECK, message, {"field": field})
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[Content, None] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant: calls it made in an earlier turn
     tool_call_id: str | None = None  # tool: which call this is the result of
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise request_check("only assistant messages carry tool_calls", "tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise request_check("tool messages, and only they, need tool_call_id")
+        if self.content is None and self.role != "assistant":
+            raise request_check("content is required", "content")
+        for j, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if isinstance(part, ImagePart) and self.role != "user":
+                raise request_check("only user messages can carry images", f"content[{j}]")
+            if isinstance(part, ImagePart) and part.image_url.detail == "low":
+                raise request_check("detail 'low' is not supported: SliME always slices the image",
+                                    f"content[{j}].image_url.detail")
+        return self
 
 
 class StreamOptions(StrictModel):

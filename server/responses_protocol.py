@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from .errors import bad_request
+from .errors import bad_request, validation_error
 from .protocol import (SEED_MAX, SEED_MIN, ChatCompletionRequest, ChatMessage, FunctionDefinition, ImagePart, ImageURL,
                        JSONSchemaFormat, NamedToolChoice, ResponseFormat, StreamOptions, StrictModel, TextPart, Tool,
                        ToolCall, ToolCallFunction, ToolChoiceFunction, check_unicode)
@@ -267,7 +267,10 @@ def _message(item: MessageItem, i: int) -> ChatMessage:
             if isinstance(part, InputText) and item.role == "assistant":
                 raise bad_request("assistant messages carry output_text parts", param=where)
             parts.append(TextPart(type="text", text=part.text))
-    return ChatMessage(role=item.role, content=parts)
+    try:
+        return ChatMessage(role=item.role, content=parts)
+    except ValidationError as e:  # the message does not fit its role (an image in a system message)
+        raise validation_error(e, prefix=f"input[{i}]") from None
 
 
 # -- what this server sends ---------------------------------------------------------------------

@@ -12,13 +12,13 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from ..errors import APIError
+from ..errors import APIError, validation_error
 
 M = TypeVar("M", bound=BaseModel)
 
 # union members' tags in pydantic's error locations (see protocol.py), not fields a client wrote
-_UNION_TAGS = {"TextPart", "ImagePart", "str", "list[parts]", "InputText", "InputImage", "OutputText",
-               "MessageItem", "FunctionCallItem", "FunctionCallOutputItem"}
+_UNION_TAGS = frozenset({"TextPart", "ImagePart", "str", "list[parts]", "InputText", "InputImage", "OutputText",
+               "MessageItem", "FunctionCallItem", "FunctionCallOutputItem"})
 
 
 def json_body_schema(name: str) -> dict:
@@ -58,13 +58,7 @@ def validate_data(data: Any, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"] if str(x) not in _UNION_TAGS]
-        param = ".".join(loc) or None
-        if err["type"] == "extra_forbidden":
-            raise APIError(400, f"'{param}' is not a supported parameter", param=param,
-                           code="unsupported_parameter") from None
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+        raise validation_error(e, skip=_UNION_TAGS) from None
 
 
 def event_stream(gen) -> StreamingResponse:

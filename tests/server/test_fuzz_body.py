@@ -177,6 +177,33 @@ def test_wrong_types_are_400_naming_the_field(http, extra, param):
     assert_openai_error(http.post("/v1/chat/completions", json=hi(**extra)), 400, param=param)
 
 
+IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+# -- a message's fields must fit its role (ChatMessage's validator): the 400 names the field -------
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}], "messages[1]"),
+    ([{"role": "user", "content": "x", "tool_call_id": "c1"}], "messages[0]"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "system", "content": None}, {"role": "user", "content": "x"}], "messages[0].content"),
+    ([{"role": "assistant", "content": [{"type": "text", "text": "a"}, IMG]}], "messages[0].content[1]"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}}]}],
+     "messages[0].content[0].image_url.detail"),
+])
+def test_a_message_that_does_not_fit_its_role_is_a_400_naming_the_field(http, messages, param):
+    err = assert_openai_error(http.post("/v1/chat/completions", json=hi(messages=messages)), 400, param=param)
+    assert err["message"] and "messages" not in err["message"].split()[0], err  # the check's words, no loc prefix
+    assert http.post("/tokenize", json={"messages": messages}).json()["error"]["param"] == param
+
+
+def test_an_assistant_turn_that_only_called_tools_needs_no_content(http):
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    assert http.post("/v1/chat/completions", json=hi(messages=messages)).status_code == 200
+
+
 @pytest.mark.parametrize("extra", [
     {"temperature": 1e-300}, {"temperature": 1e-40}, {"temperature": 1e-6},
     {"top_p": 1e-300}, {"top_p": 5e-324}, {"top_p": 1e-40, "top_k": 1},

@@ -151,6 +151,10 @@ def test_a_streamed_function_call(client):
     ({"background": True}, "background"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]}, "input[0].content[0]"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input.0.content.0"),
+    ({"input": [{"role": "user", "content": "a"}, {"role": "system", "content": [
+        {"type": "input_image", "image_url": "data:,"}]}]}, "input[1].content[0]"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,", "detail": "low"}]}]},
+     "input[0].content[0].image_url.detail"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
