@@ -79,22 +79,18 @@ def test_the_triton_backend_serves_through_the_engine(tiny_dir):
     def serve(backend):
         lm = load_model(tiny_dir, LoadOptions(device="cpu", attention_backend=backend))
         engine = Engine(ModelRunner(lm, max_batch_size=4, max_model_len=256))
-        engine.start()
+        with engine:
+            async def main():
+                streams = [engine.submit(EngineRequest(f"r{i}", p, [], SamplingParams(max_tokens=8, temperature=0,
+                                                                                     ignore_eos=True), len(p)))
+                           for i, p in enumerate(prompts)]
 
-        async def main():
-            streams = [engine.submit(EngineRequest(f"r{i}", p, [], SamplingParams(max_tokens=8, temperature=0,
-                                                                                 ignore_eos=True), len(p)))
-                       for i, p in enumerate(prompts)]
+                async def collect(stream):
+                    return [t async for ev in stream for t in ev.token_ids]
 
-            async def collect(stream):
-                return [t async for ev in stream for t in ev.token_ids]
+                return await asyncio.gather(*(collect(s) for s in streams))
 
-            return await asyncio.gather(*(collect(s) for s in streams))
-
-        try:
             return asyncio.run(main())
-        finally:
-            engine.stop()
 
     assert serve("triton") == serve("cpu")
 

@@ -135,13 +135,9 @@ def test_a_capture_failing_while_serving_blames_no_request(tiny_lm, monkeypatch)
             return await asyncio.gather(*(collect(s) for s in streams))
         return asyncio.run(main())
 
-    engine = Engine(runner)
-    engine.start()
-    try:
+    with Engine(runner) as engine:
         expected = run(engine)
         runner.graphs = DecodeGraphs(runner.llm, runner.cache, max_batch=4, max_len=256, use_graphs=False)
         calls = _failing_capture(monkeypatch, runner.graphs)
         assert run(engine) == expected
         assert calls and engine.alive and engine.executor.failed_steps == 0
-    finally:
-        engine.stop()

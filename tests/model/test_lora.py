@@ -45,8 +45,7 @@ def test_model_base_setting_reaches_the_engine_config(tiny_lora, monkeypatch):
 
 
 def _answers(settings: Settings, image_url: str) -> list[tuple[str, dict]]:
-    server = LiveServer(settings).start()
-    try:
+    with LiveServer(settings) as server:
         out = []
         for message in ({"role": "user", "content": "Describe a quiet harbour."},
                         image_message("What is unusual about this image?", image_url)):
@@ -57,8 +56,6 @@ def _answers(settings: Settings, image_url: str) -> list[tuple[str, dict]]:
             body = r.json()
             out.append((body["choices"][0]["message"]["content"], body["usage"]))
         return out
-    finally:
-        server.stop()
 
 
 def test_lora_serves_the_tokens_of_its_merged_export(tiny_lora, merged, ironing):

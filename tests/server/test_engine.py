@@ -28,30 +28,24 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list
 
 def test_short_prompts_share_one_prefill_step_and_decode_as_alone(tiny_lm):
     prompts = [[1] + [(11 * i + j) % 200 + 5 for j in range(20)] for i in range(8)]
-    engine = Engine(ModelRunner(tiny_lm, max_batch_size=8, max_model_len=128), max_batch_size=8, prefill_chunk=512)
-    engine.start()
-    try:
+    with Engine(ModelRunner(tiny_lm, max_batch_size=8, max_model_len=128), max_batch_size=8,
+                prefill_chunk=512) as engine:
         together = _run(engine, prompts, 3)
         # 8 prompts of 21 positions fit one 512-position step: admitted in <= 2 steps (the engine
         # may start on the first before the others arrive), not one step each.
         assert engine.steps <= 4
         alone = [_run(engine, [p], 3)[0] for p in prompts[:3]]
-    finally:
-        engine.stop()
     assert together[:3] == alone
 
 
 def test_long_prompt_is_chunked_and_others_wait_their_turn(tiny_lm):
     long = [1] + [(7 * j) % 200 + 5 for j in range(99)]  # 100 positions: 4 chunks of 32
     short = [1] + [(5 * j) % 200 + 5 for j in range(9)]
-    engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256), max_batch_size=4, prefill_chunk=32)
-    engine.start()
-    try:
+    with Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256), max_batch_size=4,
+                prefill_chunk=32) as engine:
         both = _run(engine, [long, short], 4)
         steps = engine.steps
         alone = [_run(engine, [p], 4)[0] for p in (long, short)]
-    finally:
-        engine.stop()
     assert both == alone
     assert steps >= 4  # the long prompt took one chunk per step
 
@@ -79,13 +73,9 @@ def test_warm_up_compiles_every_shape_serving_uses(tiny_lm, c_compiler):
     try:
         runner.warm_up()
         compiled = counters["stats"]["unique_graphs"]
-        engine = Engine(runner, max_batch_size=4, prefill_chunk=16)
-        engine.start()
-        try:
+        with Engine(runner, max_batch_size=4, prefill_chunk=16) as engine:
             _run(engine, [[1] + [(3 * i + j) % 200 + 5 for j in range(9 + 13 * i)] for i in range(4)], 5)
             _run(engine, [[1, 7, 9]], 3)
-        finally:
-            engine.stop()
         assert counters["stats"]["unique_graphs"] == compiled
     finally:
         runner.llm.compile_pointwise(False)
@@ -95,25 +85,20 @@ def test_warm_up_compiles_every_shape_serving_uses(tiny_lm, c_compiler):
 def test_the_vision_thread_runs_at_the_niceness_asked_and_the_engine_thread_does_not(tiny_lm):
     engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=128), max_batch_size=2, vision_nice=7)
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    engine.start()
-    try:
+    with engine:
         assert _run(engine, [[1, 5, 6, 7]], 3)[0]  # the engine still serves
         deadline = time.monotonic() + 10
         while os.getpriority(os.PRIO_PROCESS, engine.vision.thread.native_id) != min(19, base + 7):
             assert time.monotonic() < deadline, "the vision thread's niceness never changed"
             time.sleep(0.01)
         assert os.getpriority(os.PRIO_PROCESS, engine._thread.native_id) == base
-    finally:
-        engine.stop()
 
 
 def _decode(tiny_lm, batch, delays=None, prefill_chunk=512) -> list[list[tuple[int, float]]]:
     """Run [(prompt ids, SamplingParams)] through a 4-slot engine, request i submitted after
     delays[i] seconds; -> each request's [(token, logprob)]."""
-    engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=128), max_batch_size=4,
-                    prefill_chunk=prefill_chunk)
-    engine.start()
-    try:
+    with Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=128), max_batch_size=4,
+                prefill_chunk=prefill_chunk) as engine:
         async def one(i, ids, params, delay):
             await asyncio.sleep(delay)
             stream = engine.submit(EngineRequest(f"r{i}", ids, [], params, len(ids)))
@@ -124,8 +109,6 @@ def _decode(tiny_lm, batch, delays=None, prefill_chunk=512) -> list[list[tuple[i
                                           in enumerate(zip(batch, delays or [0] * len(batch)))))
 
         return asyncio.run(main())
-    finally:
-        engine.stop()
 
 
 def test_a_sequence_moved_when_an_earlier_one_finishes_keeps_its_newest_cache_entry(tiny_lm):
@@ -274,44 +257,37 @@ def test_a_model_that_fails_every_step_stops_the_engine_instead_of_blaming_one_r
             raise RuntimeError("CUDA error: device-side assert")
 
     engine.fault_hook = dead_device
-    engine.start()
-    try:
+    with engine:
         results = _collect(engine, [_long(i) for i in range(4)])
         assert all(events[-1].finish_reason == "error" for events in results)
         deadline = time.monotonic() + 10
         while engine.alive:
             assert time.monotonic() < deadline, "a model failing every step left the engine up"
             time.sleep(0.01)
-    finally:
-        engine.stop()
 
 
 def test_when_the_engine_loop_itself_dies_every_stream_ends_instead_of_hanging(tiny_lm, monkeypatch):
     engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=256), max_batch_size=4)
-    engine.start()
+    with engine:
+        def broken_remove(*args):
+            raise RuntimeError("bookkeeping lost")
 
-    def broken_remove(*args):
-        raise RuntimeError("bookkeeping lost")
+        async def main():
+            streams = [engine.submit(_long(i)) for i in range(3)]
+            firsts = [await s.__anext__() for s in streams]  # all three decoding
+            assert all(ev.finish_reason is None for ev in firsts)
+            monkeypatch.setattr(engine.scheduler, "remove", broken_remove)
+            await streams[0].aclose()  # its release raises on the engine thread, outside any step
 
-    async def main():
-        streams = [engine.submit(_long(i)) for i in range(3)]
-        firsts = [await s.__anext__() for s in streams]  # all three decoding
-        assert all(ev.finish_reason is None for ev in firsts)
-        monkeypatch.setattr(engine.scheduler, "remove", broken_remove)
-        await streams[0].aclose()  # its release raises on the engine thread, outside any step
+            async def rest(stream):
+                return [ev async for ev in stream]
 
-        async def rest(stream):
-            return [ev async for ev in stream]
+            return await asyncio.wait_for(asyncio.gather(rest(streams[1]), rest(streams[2])), 20)
 
-        return await asyncio.wait_for(asyncio.gather(rest(streams[1]), rest(streams[2])), 20)
-
-    try:
         ends = asyncio.run(main())
         assert all(events[-1].finish_reason == "error" and events[-1].error.message == "the engine stopped"
                    for events in ends)
         assert not engine.alive
-    finally:
-        engine.stop()
 
 
 def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing):
@@ -322,13 +298,9 @@ def test_the_choices_of_an_n_request_share_one_vision_encoding(tiny_lm, ironing)
     calls = []
     encode_images = runner.model.encode_images
     runner.model.encode_images = lambda *a: calls.append(1) or encode_images(*a)
-    engine = Engine(runner, max_batch_size=4)
-    engine.start()
-    try:
+    with Engine(runner, max_batch_size=4) as engine:
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         results = _collect(engine, [EngineRequest(f"c{i}", [1, 5, -200, 6], [image], params, 2000) for i in range(3)])
-    finally:
-        engine.stop()
     tokens = [[t for ev in events for t in ev.token_ids] for events in results]
     assert len(calls) == 1 and tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 4
 
@@ -352,12 +324,9 @@ def test_a_stop_check_that_fails_for_one_sequence_fails_only_that_one(tiny_lm):
             seq.output.detok.add = broken
 
     engine.output.start = start_with_a_broken_detokenizer
-    engine.start()
-    try:
+    with engine:
         together = _collect(engine, [_long(i) for i in range(3)])
         alone = _collect(engine, [_long(0)])[0]
-    finally:
-        engine.stop()
     assert together[1][-1].finish_reason == "error" and together[1][-1].error.message == "model error during decoding"
     assert sum(len(ev.token_ids) for ev in together[1]) == 2
     for events in (together[0], together[2]):

@@ -93,8 +93,7 @@ def test_abandoned_streams_free_their_slots(ep):
 
 
 def test_a_dead_engine_process_ends_streams_and_fails_health(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", engine_process=True)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", engine_process=True)) as s:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
                 "ignore_eos": True, "stream": True}
         # a crash (OOM killer, segfault) of the engine process in the middle of a stream
@@ -104,8 +103,6 @@ def test_a_dead_engine_process_ends_streams_and_fails_health(tiny_dir):
         assert httpx.get(s.url + "/ready").status_code == 503
         r = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["type"]
-    finally:
-        s.stop()
 
 
 def test_an_engine_process_that_fails_to_load_fails_health(tmp_path):

@@ -58,25 +58,20 @@ def counting(monkeypatch):
 def test_a_fresh_schema_is_compiled_once_per_process_never_on_the_engine_thread(tiny_dir, tiny_lm, counting):
     engine = Engine(ModelRunner(tiny_lm, max_batch_size=4, max_model_len=512))
     engine.runner.warm_up()
-    engine.start()
-    chat = ChatService(Settings(model=str(tiny_dir), device="cpu"), engine)
-    req = ChatCompletionRequest.model_validate({
-        "model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "fill it"}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": _schema(1)}}})
-    try:
+    with engine:
+        chat = ChatService(Settings(model=str(tiny_dir), device="cpu"), engine)
+        req = ChatCompletionRequest.model_validate({
+            "model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "fill it"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": _schema(1)}}})
         before = len(counting.threads)
         body = asyncio.run(chat.complete(req))
         assert body.choices[0].finish_reason in ("stop", "length")
         built = counting.threads[before:]
         assert len(built) == 1, built  # before: once to validate it, once more in the engine
         assert built[0].startswith("slime-prep")
-    finally:
-        engine.stop()
     # the engine process's core: a request handed over compiles on a thread of its own
     events = []
-    engine = EngineCore(engine.runner, sink=lambda batch, stats: events.extend(batch), compile_grammars=True)
-    engine.start()
-    try:
+    with EngineCore(engine.runner, sink=lambda batch, stats: events.extend(batch), compile_grammars=True) as engine:
         spec = ("json_schema", json.dumps(_schema(2), sort_keys=True))
         engine.submit(EngineRequest("d1", [1, 5, 6], [], SamplingParams(max_tokens=4, grammar=spec), 3))
         for _ in range(200):
@@ -86,8 +81,6 @@ def test_a_fresh_schema_is_compiled_once_per_process_never_on_the_engine_thread(
         assert any(ev.finish_reason for _, ev in events)
         built = counting.threads[before + 1:]  # neither the engine thread nor the handing one
         assert len(built) == 1 and built[0].startswith("slime-grammar"), built
-    finally:
-        engine.stop()
 
 
 def test_a_stream_keeps_its_pace_while_fresh_schemas_and_slow_image_urls_arrive(tiny_dir):

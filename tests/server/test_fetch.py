@@ -691,8 +691,7 @@ def test_the_first_failure_stops_the_requests_other_fetches(target):
 
 # -- through the HTTP server -----------------------------------------------------------------------------
 def test_server_answers_refusals_as_openai_400s(tiny_dir, target):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True)) as s:
         for url, code in ((f"http://2130706433:{target.port}/png", "image_url_refused"),
                           (f"http://[::ffff:127.0.0.1]:{target.port}/png", "image_url_refused"),
                           ("http://[::1/", "invalid_image_url"),
@@ -703,32 +702,29 @@ def test_server_answers_refusals_as_openai_400s(tiny_dir, target):
             assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
                                           "param": PARAM, "code": code}}
         assert target.requests == []
-    finally:
-        s.stop()
 
 
 def test_slow_image_urls_never_hold_up_requests_without_them(tiny_dir, target):
     """Two requests with 8 slow URLs each (a byte every 50 ms, never done): each fails after one
     timeout, and a text-only request sent meanwhile is answered at once (URL fetching has a pool of
     its own; preparation workers never wait on the network)."""
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True, image_url_allow_private=True,
-                            image_url_timeout=2.0)).start()
-    slow = {"model": "tiny", "max_tokens": 2, "messages": [image_message("x", *[target.url("/drip")] * 8)]}
-    text = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True, image_url_allow_private=True,
+                             image_url_timeout=2.0)) as s:
+        slow = {"model": "tiny", "max_tokens": 2, "messages": [image_message("x", *[target.url("/drip")] * 8)]}
+        text = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
 
-    async def run():
-        async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
-            t0 = time.monotonic()
-            slow_calls = [asyncio.create_task(client.post("/v1/chat/completions", json=slow)) for _ in range(2)]
-            while len(target.paths) < 16 and time.monotonic() - t0 < 2:
-                await asyncio.sleep(0.02)
-            t1 = time.monotonic()
-            r = await client.post("/v1/chat/completions", json=text)
-            text_seconds = time.monotonic() - t1
-            answers = await asyncio.gather(*slow_calls)
-            return r, text_seconds, answers, time.monotonic() - t0
+        async def run():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                t0 = time.monotonic()
+                slow_calls = [asyncio.create_task(client.post("/v1/chat/completions", json=slow)) for _ in range(2)]
+                while len(target.paths) < 16 and time.monotonic() - t0 < 2:
+                    await asyncio.sleep(0.02)
+                t1 = time.monotonic()
+                r = await client.post("/v1/chat/completions", json=text)
+                text_seconds = time.monotonic() - t1
+                answers = await asyncio.gather(*slow_calls)
+                return r, text_seconds, answers, time.monotonic() - t0
 
-    try:
         r, text_seconds, answers, total = asyncio.run(run())
         assert r.status_code == 200, r.text
         assert text_seconds < 1.0, text_seconds
@@ -736,5 +732,3 @@ def test_slow_image_urls_never_hold_up_requests_without_them(tiny_dir, target):
         for a in answers:
             assert a.status_code == 400 and a.json()["error"]["code"] == "image_url_failed", a.text
         assert total < 3.5, total  # one 2 s deadline per request, not 8
-    finally:
-        s.stop()

@@ -32,9 +32,8 @@ def _answers(tiny_dir, ironing, cuda_graphs: bool, engine_process: bool = False,
     stream's (text, steps), and the decode graphs the server reports."""
     import openai
 
-    srv = LiveServer(Settings(model=str(tiny_dir), device=device, dtype="float32", max_batch_size=8,
-                              cuda_graphs=cuda_graphs, engine_process=engine_process)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device=device, dtype="float32", max_batch_size=8,
+                             cuda_graphs=cuda_graphs, engine_process=engine_process)) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         image = data_url(ironing.resize((500, 350)), "JPEG")
 
@@ -58,8 +57,6 @@ def _answers(tiny_dir, ironing, cuda_graphs: bool, engine_process: bool = False,
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(6)))
         return answers, srv.metric("slime_decode_cuda_graphs")
-    finally:
-        srv.stop()
 
 
 def assert_same_decoding(graphed: list[Step], eager: list[Step], tol: float = 1e-3) -> int:
@@ -105,8 +102,7 @@ def test_structured_outputs_hold_on_cuda_with_graphs(tiny_dir):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                                "s": {"enum": ["a", "b"]}},
               "required": ["n", "s"], "additionalProperties": False}
-    srv = LiveServer(Settings(model=str(tiny_dir), device="cuda", max_batch_size=8)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cuda", max_batch_size=8)) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         r = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "x"}], n=4, max_tokens=64, temperature=1.0, seed=1,
@@ -114,8 +110,6 @@ def test_structured_outputs_hold_on_cuda_with_graphs(tiny_dir):
         for c in r.choices:
             assert c.finish_reason == "stop"
             jsonschema.validate(json.loads(c.message.content), schema)
-    finally:
-        srv.stop()
 
 
 def test_the_paged_cache_preempts_shares_and_reuses_on_cuda_with_graphs(tiny_dir):
@@ -124,9 +118,8 @@ def test_the_paged_cache_preempts_shares_and_reuses_on_cuda_with_graphs(tiny_dir
     reading the block tables."""
     import openai
 
-    srv = LiveServer(Settings(model=str(tiny_dir), device="cuda", dtype="float32", max_batch_size=16, kv_cache_mb=1,
-                              max_model_len=1024)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cuda", dtype="float32", max_batch_size=16, kv_cache_mb=1,
+                             max_model_len=1024)) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
         system = " ".join(f"rule {k} says nothing" for k in range(60))  # ~700 positions: a chunk is reused
 
@@ -142,5 +135,3 @@ def test_the_paged_cache_preempts_shares_and_reuses_on_cuda_with_graphs(tiny_dir
         assert srv.metric("slime_num_preemptions_total") > 0
         assert srv.metric("slime_prefix_cache_hit_tokens_total") > 0
         assert srv.metric("slime_decode_cuda_graphs") > 0
-    finally:
-        srv.stop()

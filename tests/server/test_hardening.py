@@ -187,50 +187,46 @@ def test_url_fetching_guards(tiny_dir):
     other = CountingServer(_png())
     hop = CountingServer(redirect=f"http://127.0.0.2:{other.port}/b.png")
     base = Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True, image_url_domains=["localhost"])
-    guarded = LiveServer(base).start()
-    permissive = LiveServer(base.model_copy(update={"image_url_allow_private": True})).start()
     try:
-        # loopback is refused by the address guard even when the name is allowed: no connection made
-        url = f"http://localhost:{good.port}/a.png"
-        assert_error(post(guarded, {"model": MODEL, "messages": [image_message("x", url)]}), 400,
-                     code="image_url_refused")
-        # a host outside the allow-list: refused before resolving
-        assert_error(post(permissive, {"model": MODEL, "messages": [image_message(
-            "x", f"http://127.0.0.1:{good.port}/a.png")]}), 400, code="image_url_refused")
-        assert good.hits == 0
-        # allowed and (in tests) private addresses let through: fetched
-        r = post(permissive, {"model": MODEL, "messages": [image_message("x", url)], "max_tokens": 1})
-        assert r.status_code == 200, r.text
-        assert good.hits == 1 and r.json()["usage"]["prompt_tokens"] > 576
-        # a redirect to a host outside the allow-list is checked again and refused
-        r = post(permissive, {"model": MODEL, "messages": [image_message(
-            "x", f"http://localhost:{hop.port}/r.png")]})
-        assert_error(r, 400, code="image_url_refused")
-        assert hop.hits == 1 and other.hits == 0
+        with LiveServer(base) as guarded, \
+                LiveServer(base.model_copy(update={"image_url_allow_private": True})) as permissive:
+            # loopback is refused by the address guard even when the name is allowed: no connection made
+            url = f"http://localhost:{good.port}/a.png"
+            assert_error(post(guarded, {"model": MODEL, "messages": [image_message("x", url)]}), 400,
+                         code="image_url_refused")
+            # a host outside the allow-list: refused before resolving
+            assert_error(post(permissive, {"model": MODEL, "messages": [image_message(
+                "x", f"http://127.0.0.1:{good.port}/a.png")]}), 400, code="image_url_refused")
+            assert good.hits == 0
+            # allowed and (in tests) private addresses let through: fetched
+            r = post(permissive, {"model": MODEL, "messages": [image_message("x", url)], "max_tokens": 1})
+            assert r.status_code == 200, r.text
+            assert good.hits == 1 and r.json()["usage"]["prompt_tokens"] > 576
+            # a redirect to a host outside the allow-list is checked again and refused
+            r = post(permissive, {"model": MODEL, "messages": [image_message(
+                "x", f"http://localhost:{hop.port}/r.png")]})
+            assert_error(r, 400, code="image_url_refused")
+            assert hop.hits == 1 and other.hits == 0
     finally:
-        guarded.stop()
-        permissive.stop()
         for s in (good, other, hop):
             s.close()
 
 
 def test_url_fetch_byte_cap(tiny_dir):
     big = CountingServer(b"\x89PNG" + b"\0" * 400_000)
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True, image_url_allow_private=True,
-                            max_request_bytes=100_000)).start()
     try:
-        r = post(s, {"model": MODEL, "messages": [image_message("x", f"http://127.0.0.1:{big.port}/big.png")]})
-        assert_error(r, 400, code="image_too_large")
+        with LiveServer(Settings(model=str(tiny_dir), device="cpu", allow_image_urls=True,
+                                 image_url_allow_private=True, max_request_bytes=100_000)) as s:
+            r = post(s, {"model": MODEL, "messages": [image_message("x", f"http://127.0.0.1:{big.port}/big.png")]})
+            assert_error(r, 400, code="image_too_large")
     finally:
-        s.stop()
         big.close()
 
 
 # -- access ----------------------------------------------------------------------------------------
 def test_api_keys_and_cors(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", api_key=["k1", "k2"],
-                            cors_origins=["https://app.example"])).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", api_key=["k1", "k2"],
+                             cors_origins=["https://app.example"])) as s:
         assert_error(post(s, hi()), 401, code="invalid_api_key")
         assert_error(post(s, hi(), headers={"Authorization": "Bearer nope"}), 401)
         assert post(s, hi(), headers={"Authorization": "Bearer k2"}).status_code == 200
@@ -247,8 +243,6 @@ def test_api_keys_and_cors(tiny_dir):
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="k1", max_retries=0)
         assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                          max_tokens=1).choices
-    finally:
-        s.stop()
 
 
 def test_cors_off_by_default(small):
@@ -259,8 +253,7 @@ def test_cors_off_by_default(small):
 
 # -- runtime ---------------------------------------------------------------------------------------
 def test_overload_is_429_and_admitted_requests_complete(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=1, max_waiting_requests=1)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=1, max_waiting_requests=1)) as s:
         async def main():
             async with httpx.AsyncClient(timeout=120) as c:
                 body = hi(max_tokens=64, ignore_eos=True)
@@ -274,14 +267,11 @@ def test_overload_is_429_and_admitted_requests_complete(tiny_dir):
                 assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
             else:
                 assert r.json()["usage"]["completion_tokens"] == 64
-    finally:
-        s.stop()
 
 
 def test_model_step_failure_fails_only_that_step_and_recovers(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu")).start()
-    engine = s.state.engine
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu")) as s:
+        engine = s.state.engine
         fired = []
 
         def once(stage, requests):
@@ -308,19 +298,14 @@ def test_model_step_failure_fails_only_that_step_and_recovers(tiny_dir):
         assert post(s, hi(max_tokens=3)).status_code == 200
         assert httpx.get(s.url + "/ready").status_code == 200
         assert s.metric("slime_num_requests_running") == 0
-    finally:
-        s.stop()
 
 
 def test_dead_engine_loop_makes_ready_503(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu")).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu")) as s:
         s.state.engine.stop()
         assert httpx.get(s.url + "/ready").status_code == 503
         assert httpx.get(s.url + "/health").status_code == 503  # liveness fails: restart me
         assert_error(post(s, hi()), 503)
-    finally:
-        s.stop()
 
 
 def test_abandoned_requests_leave_gauges_at_baseline(server):
@@ -388,11 +373,8 @@ def test_health_and_metrics_stay_fast_while_large_images_are_preprocessed(tiny_d
 
 
 def test_engine_stop_ends_in_flight_streams_instead_of_hanging(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu")).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu")) as s:
         body = hi(max_tokens=3000, ignore_eos=True, stream=True)
         lines = stream_lines(s.url, body, after=3, then=threading.Thread(target=s.state.engine.stop).start)
         assert any('"error"' in x and "shutting down" in x for x in lines)
         assert lines[-1] == "data: [DONE]"
-    finally:
-        s.stop()

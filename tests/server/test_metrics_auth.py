@@ -54,11 +54,8 @@ def test_metrics_need_a_key_exactly_when_protected(keyed):
 
 
 def test_protect_metrics_without_keys_leaves_metrics_open(tiny_dir):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=2, protect_metrics=True)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", max_batch_size=2, protect_metrics=True)) as s:
         assert _get(s, "/metrics").status_code == 200 and _get(s, "/v1/models").status_code == 200
-    finally:
-        s.stop()
 
 
 def test_the_flag_and_the_environment_variable(monkeypatch):

@@ -31,9 +31,8 @@ def _gauges(s: LiveServer) -> dict[str, float]:
 
 @pytest.mark.parametrize("engine_process", [False, True], ids=["in-process", "engine-process"])
 def test_the_gauges_move_with_load(tiny_dir, engine_process):
-    s = LiveServer(Settings(model=str(tiny_dir), device="cpu", served_model_name=MODEL, max_batch_size=2,
-                            max_waiting_requests=64, kv_cache_mb=4, engine_process=engine_process)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", served_model_name=MODEL, max_batch_size=2,
+                             max_waiting_requests=64, kv_cache_mb=4, engine_process=engine_process)) as s:
         idle = _gauges(s)
         assert idle["vllm:num_requests_running"] == 0 and idle["vllm:num_requests_waiting"] == 0
         config = [line for line in httpx.get(s.url + "/metrics").text.splitlines()
@@ -60,5 +59,3 @@ def test_the_gauges_move_with_load(tiny_dir, engine_process):
         while time.time() < deadline and _gauges(s)["vllm:num_requests_running"]:
             time.sleep(0.05)
         assert _gauges(s)["vllm:num_requests_running"] == 0 == _gauges(s)["vllm:num_requests_waiting"]
-    finally:
-        s.stop()

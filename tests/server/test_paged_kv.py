@@ -92,22 +92,18 @@ def _engine_run(lm, requests: list[EngineRequest], kv_bytes: int) -> tuple[list[
         peak[0] = max(peak[0], round(stats.kv_usage * (runner.num_blocks - 1)))
 
     engine = Engine(runner, on_stats=on_stats, vision_thread=False)
-    engine.start()
+    with engine:
+        async def collect(req):
+            out = []
+            async for ev in engine.submit(req):
+                assert ev.error is None, ev.error
+                out += [(t, lp.logprob) for t, lp in zip(ev.token_ids, ev.logprobs)]
+            return out
 
-    async def collect(req):
-        out = []
-        async for ev in engine.submit(req):
-            assert ev.error is None, ev.error
-            out += [(t, lp.logprob) for t, lp in zip(ev.token_ids, ev.logprobs)]
-        return out
+        async def main():
+            return await asyncio.gather(*(collect(r) for r in requests))
 
-    async def main():
-        return await asyncio.gather(*(collect(r) for r in requests))
-
-    try:
         return asyncio.run(main()), peak[0]
-    finally:
-        engine.stop()
 
 
 def test_the_choices_of_an_n4_image_request_share_the_prompt_and_decode_as_it_would_alone(tiny_lm, ironing):
@@ -151,9 +147,8 @@ def _text_requests(n: int, prefix: str) -> list[list[dict]]:
 def test_requests_that_cannot_fit_at_once_all_complete_and_answer_as_they_do_alone(tiny_dir):
     # 1 MiB: 2,048 positions. 24 requests of ~60 + 160 positions need 24 x 14 blocks of 16: more
     # than three times the pool, so sequences are preempted and computed again while others run.
-    server = LiveServer(Settings(model=str(tiny_dir), device="cpu", kv_cache_mb=1, max_model_len=1024,
-                                 max_batch_size=32, max_waiting_requests=64)).start()
-    try:
+    with LiveServer(Settings(model=str(tiny_dir), device="cpu", kv_cache_mb=1, max_model_len=1024,
+                             max_batch_size=32, max_waiting_requests=64)) as server:
         long_system = " ".join(f"rule {k} says nothing" for k in range(60))  # ~700: > one prefill chunk: hits
         convs = _text_requests(16, "Be brief.") + _text_requests(8, long_system)[:8]
         max_tokens = [160] * 16 + [40] * 8
@@ -179,8 +174,6 @@ def test_requests_that_cannot_fit_at_once_all_complete_and_answer_as_they_do_alo
         assert server.metric("slime_prefix_cache_hit_tokens_total") >= 8 * 512
         assert [f for f, _ in loaded] == ["length"] * 24
         assert loaded == solo  # tokens and logprobs, bit for bit
-    finally:
-        server.stop()
 
 
 def test_a_repeated_long_system_prompt_is_not_computed_again(paged):

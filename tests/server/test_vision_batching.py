@@ -67,11 +67,8 @@ def _serve(engine, release, images, seeds):
 
         return await asyncio.gather(*(collect(s) for s in streams))
 
-    engine.start()
-    try:
+    with engine:
         return asyncio.run(main())
-    finally:
-        engine.stop()
 
 
 def test_queued_image_requests_share_a_vision_pass_and_answer_as_alone(tiny_lm, images):

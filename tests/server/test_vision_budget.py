@@ -28,10 +28,9 @@ def test_a_deep_queue_of_image_requests_holds_at_most_the_budget_of_features(tin
     # one slot: a long text stream holds it while the image requests queue up behind it
     engine = Engine(ModelRunner(tiny_lm, max_batch_size=1, max_model_len=2048), max_batch_size=1,
                     vision_queue_bytes=budget, on_stats=observe)
-    engine.start()
-    requests = [EngineRequest(f"img{i}", [1, 5, -200, 6, 7], [im], SamplingParams(max_tokens=2, temperature=0), 2000)
-                for i, im in enumerate(images)]
-    try:
+    with engine:
+        requests = [EngineRequest(f"img{i}", [1, 5, -200, 6, 7], [im], SamplingParams(max_tokens=2, temperature=0),
+                                  2000) for i, im in enumerate(images)]
         async def main():
             text = engine.submit(EngineRequest("text", [1, 5, 6], [], SamplingParams(max_tokens=300, temperature=0,
                                                                                      ignore_eos=True), 3))
@@ -47,8 +46,6 @@ def test_a_deep_queue_of_image_requests_holds_at_most_the_budget_of_features(tin
             await asyncio.gather(collect(text), *(collect(s) for s in streams))
 
         asyncio.run(main())
-    finally:
-        engine.stop()
     assert max(held) >= per_request  # requests did queue with their features
     assert max(held) <= budget + per_request, (max(held), budget)  # before: all six at once
     assert engine.vision.budget.peak <= budget + per_request
