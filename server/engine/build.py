@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .client import Engine, StatsObserver
-from .engine import EngineCore, Sink
+from .engine import EngineCore
+from .inbox import Sink
 
 log = logging.getLogger(__name__)
 

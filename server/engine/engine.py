@@ -1,23 +1,20 @@
 """The engine core: a thread that owns the model and runs schedule -> execute -> update steps.
 
-Each step the scheduler plans (prompt chunks, forks, one batched decode), the executor runs the
-plan, the scheduler applies its output (the only writer of counters and blocks), and the output
-processor turns the new tokens into events. Every step's events and stats go to one sink: the
-in-process client's streams (`client.Engine`), or the engine process's pipe (`process.py`)."""
+The scheduler plans (prompt chunks, forks, one batched decode), the executor runs the plan, the
+scheduler applies its output (the only writer of counters and blocks), the output processor turns
+new tokens into events. Each step's events and stats go to one sink: the in-process client's
+streams (`client.Engine`) or the engine process's pipe (`process.py`)."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
 
 from .executor import FaultHook, StepExecutor
 from .interface import EngineDead
 from .kv_blocks import BlockPool
+from .inbox import Abort, Add, Inbox, Sink, VisionDone
 from .output import OutputProcessor
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -29,31 +26,10 @@ from .vision_cache import CacheMiss
 
 log = logging.getLogger(__name__)
 
-# Where a step's (request_id, Event) pairs and its stats go
-Sink = Callable[[list[tuple[str, Event]], EngineStats], None]
-
-
-@dataclass
-class _Add:
-    request: EngineRequest
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _VisionDone:
-    request: EngineRequest
-    error: Exception | None
-
 
 class EngineCore:
-    """Continuous batching over a paged KV cache. Each step: admit waiting requests while blocks
-    are free, run one prefill chunk of the sequence being prefilled (so running streams stall at
-    most one chunk) -- or several short prompts whose total fits in one chunk -- then one
-    batched decode forward for every decoding sequence."""
+    """Continuous batching over a paged KV cache: a step runs prompt chunks (running streams stall
+    at most one chunk) and one batched decode for every decoding sequence."""
 
     def __init__(self, runner: ModelRunner, *, sink: Sink, max_batch_size: int | None = None, prefill_chunk: int = 512,
                  prefix_caching: bool = True, info: ModelInfo | None = None, vision_thread: bool = True,
@@ -69,7 +45,7 @@ class EngineCore:
         self.prefill_chunk = prefill_chunk
         self.sink = sink
         self._live: set[str] = set()  # submitted, not finished or aborted
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox = Inbox(runner.compile_grammar if compile_grammars else None)
         self._outbox: list[tuple[str, Event]] = []
         self._stats = EngineStats()
         self._thread: threading.Thread | None = None
@@ -78,20 +54,8 @@ class EngineCore:
                                   batch_views=vision_batch_views) if vision_thread else None
         self._stop = threading.Event()
         self._alive = False
-        # a new schema is compiled off the engine thread, in order, before its request reaches it
-        # (the engine process's: its API side compiled it in its own process)
-        self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slime-grammar") \
-            if compile_grammars else None
-        self._handlers = {_Add: self._on_add, _VisionDone: self._on_vision_done, _Abort: self._on_abort}
+        self._handlers = {Add: self._on_add, VisionDone: self._on_vision_done, Abort: self._on_abort}
         self.steps = 0
-
-    @property
-    def fault_hook(self) -> FaultHook | None:
-        return self.executor.fault_hook
-
-    @fault_hook.setter
-    def fault_hook(self, hook: FaultHook | None) -> None:
-        self.executor.fault_hook = hook
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,10 +66,8 @@ class EngineCore:
             self.vision.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._grammar_pool is not None:
-            self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         self._stop.set()
-        self._inbox.put(None)
+        self._inbox.close()
         if self.vision is not None:
             self.vision.stop(timeout)
         if self._thread:
@@ -129,18 +91,11 @@ class EngineCore:
         if not self._alive:
             raise EngineDead("the engine is not running")
         self._live.add(request.request_id)
-        if self._grammar_pool is not None and request.params.grammar is not None:
-            self._grammar_pool.submit(self._compile_then_add, request)
-            return
-        self._inbox.put(_Add(request))
-
-    def _compile_then_add(self, request: EngineRequest) -> None:
-        self.runner.compile_grammar(request)
-        self._inbox.put(_Add(request))
+        self._inbox.add(request)  # a new grammar compiled first, off this thread (engine process)
 
     def abort(self, request_id: str) -> None:
         self._live.discard(request_id)
-        self._inbox.put(_Abort(request_id))
+        self._inbox.put(Abort(request_id))
 
     @property
     def num_requests(self) -> int:
@@ -155,7 +110,7 @@ class EngineCore:
         return request_id in self._live
 
     def _vision_done(self, request: EngineRequest, error: Exception | None) -> None:
-        self._inbox.put(_VisionDone(request, error))
+        self._inbox.put(VisionDone(request, error))
 
     # -- events out --------------------------------------------------------------------------------
     def _emit(self, request_id: str, event: Event) -> None:
@@ -197,16 +152,8 @@ class EngineCore:
         engine is dead, /health says so, and a restart is the cure)."""
         self._flush()  # a first report: the gauges (the cache's size among them) before any request
         while not self._stop.is_set():
-            try:
-                item = self._inbox.get(timeout=0.5) if not self.scheduler.has_work else self._inbox.get_nowait()
-            except queue.Empty:
-                item = None
-            while item is not None:
+            for item in self._inbox.drain(0 if self.scheduler.has_work else 0.5):
                 self._handlers[type(item)](item)
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    item = None
             if self.scheduler.has_work:
                 try:
                     self.step()
@@ -227,7 +174,7 @@ class EngineCore:
             self.output.finished(seq, "error", self._stats, status="error")
 
     # -- intake (the engine thread) ----------------------------------------------------------------
-    def _on_add(self, item: _Add) -> None:
+    def _on_add(self, item: Add) -> None:
         request = item.request
         if not self._wanted(request.request_id):  # consumer already gone
             self._stats.finished.append(FinishedRequest("aborted", "abort", 0, 0, None))
@@ -236,7 +183,7 @@ class EngineCore:
         else:
             self.scheduler.add(SequenceState(request))
 
-    def _on_vision_done(self, item: _VisionDone) -> None:
+    def _on_vision_done(self, item: VisionDone) -> None:
         self.vision.pending -= 1  # type: ignore[union-attr]
         request, error = item.request, item.error
         if not self._wanted(request.request_id):  # aborted in the vision stage
@@ -250,7 +197,7 @@ class EngineCore:
             self._stats.vision_seconds.append(request.vision_seconds)
             self.scheduler.add(SequenceState(request))
 
-    def _on_abort(self, item: _Abort) -> None:
+    def _on_abort(self, item: Abort) -> None:
         seq = self.scheduler.get(item.request_id)
         if seq is not None:
             self.scheduler.remove(seq)

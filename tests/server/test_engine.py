@@ -176,7 +176,7 @@ def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(t
     ids = [1, 5, -200, 6, 7]
     engine = Engine(ModelRunner(tiny_lm, max_batch_size=2, max_model_len=2048), max_batch_size=2)
     hook, entered, release = _blocking_hook("vision")
-    engine.fault_hook = hook
+    engine.executor.fault_hook = hook
     engine.start()
     try:
         async def main():
@@ -191,7 +191,7 @@ def test_an_abort_during_the_vision_stage_frees_everything_and_runs_no_prefill(t
                 assert time.monotonic() < deadline, "the aborted request was never cleaned up"
                 await asyncio.sleep(0.01)
             assert engine.steps == steps  # its features were dropped, never prefilled
-            engine.fault_hook = None
+            engine.executor.fault_hook = None
             return [t async for ev in engine.submit(EngineRequest("next", [1, 5, 6], [], SamplingParams(
                 max_tokens=3, temperature=0, ignore_eos=True), 3)) for t in ev.token_ids]
 
@@ -208,7 +208,7 @@ def test_an_abort_during_a_chunked_prefill_frees_the_slot_mid_prompt(tiny_lm):
     run_chunk = engine.runner.prefill_chunk
     engine.runner.prefill_chunk = lambda seq, *a, **k: chunks.append(seq.request.request_id) or run_chunk(seq, *a, **k)
     hook, entered, release = _blocking_hook("prefill")
-    engine.fault_hook = hook
+    engine.executor.fault_hook = hook
     engine.start()
     try:
         async def main():
@@ -221,7 +221,7 @@ def test_an_abort_during_a_chunked_prefill_frees_the_slot_mid_prompt(tiny_lm):
             while not _idle(engine):
                 assert time.monotonic() < deadline, "the aborted prefill kept its slot"
                 await asyncio.sleep(0.01)
-            engine.fault_hook = None
+            engine.executor.fault_hook = None
             return [t async for ev in engine.submit(EngineRequest("next", prompt[:20], [], SamplingParams(
                 max_tokens=3, temperature=0, ignore_eos=True), 20)) for t in ev.token_ids]
 
@@ -256,7 +256,7 @@ def test_a_model_that_fails_every_step_stops_the_engine_instead_of_blaming_one_r
         if stage == "decode":
             raise RuntimeError("CUDA error: device-side assert")
 
-    engine.fault_hook = dead_device
+    engine.executor.fault_hook = dead_device
     with engine:
         results = _collect(engine, [_long(i) for i in range(4)])
         assert all(events[-1].finish_reason == "error" for events in results)
@@ -344,7 +344,7 @@ def test_stopping_skips_queued_vision_work_and_ends_every_stream(tiny_lm, ironin
         if stage == "vision":
             time.sleep(1.0)
 
-    engine.fault_hook = slow_vision
+    engine.executor.fault_hook = slow_vision
     engine.start()
 
     async def main():

@@ -280,7 +280,7 @@ def test_model_step_failure_fails_only_that_step_and_recovers(tiny_dir):
                 raise RuntimeError("simulated transient CUDA error")
 
         # A failure nobody causes again (retrying the step succeeds) costs no request.
-        engine.fault_hook = once
+        engine.executor.fault_hook = once
         r = post(s, hi(max_tokens=5, ignore_eos=True))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5 and fired
 
@@ -288,13 +288,13 @@ def test_model_step_failure_fails_only_that_step_and_recovers(tiny_dir):
             if stage == "decode":
                 raise RuntimeError("simulated CUDA error")
 
-        engine.fault_hook = always
+        engine.executor.fault_hook = always
         assert_error(post(s, hi(max_tokens=5)), 500)
         body = hi(max_tokens=5, stream=True)
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as resp:
             lines = [x for x in resp.iter_lines() if x]
         assert any('"error"' in x for x in lines) and lines[-1] == "data: [DONE]"
-        engine.fault_hook = None
+        engine.executor.fault_hook = None
         assert post(s, hi(max_tokens=3)).status_code == 200
         assert httpx.get(s.url + "/ready").status_code == 200
         assert s.metric("slime_num_requests_running") == 0
