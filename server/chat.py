@@ -10,7 +10,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 from .engine.interface import EngineClient, EngineDead
 from .engine.types import EngineRequest, ErrorKind, Event
@@ -22,6 +22,9 @@ from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Ch
                        Choice, ChunkChoice, Delta, FunctionCallDelta, ImageSelection, SliMEReport, TokenLogprobOut,
                        ToolCallDelta, ToolCallOut, TopLogprob, Usage, dump)
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 
 async def merged_events(streams: list) -> AsyncIterator[tuple[int, Event]]:
@@ -63,7 +66,7 @@ async def merged_events(streams: list) -> AsyncIterator[tuple[int, Event]]:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: EngineClient, metrics=None):
+    def __init__(self, settings: Settings, engine: EngineClient, metrics: Metrics | None = None):
         self.settings = settings
         self.engine = engine
         self.tokenizer = engine.info.tokenizer

@@ -10,7 +10,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from model.config import IMAGE_TOKEN_INDEX
 from model.grammar import GrammarError
@@ -27,18 +27,21 @@ from .protocol import ChatCompletionRequest
 from .settings import Settings
 from .structured import grammar_for, tool_call_turn, tool_result_turn, tools_prompt
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 
 @dataclass
 class Prepared:
     input_ids: list[int]
-    images: list[Any]
+    images: list[PreparedImage]
     max_prompt_tokens: int  # image rows counted before selection: an upper bound
     grammar: tuple[str, str] | None = None  # the request's structured-output grammar, compiled (cached)
 
 
 class RequestPreparer:
     def __init__(self, settings: Settings, info: ModelInfo, cached_image: Callable[[str], CachedImage | None],
-                 metrics=None):
+                 metrics: Metrics | None = None):
         self.settings = settings
         self.info = info
         self.cached_image = cached_image  # the engine's vision-cache lookup (pins a hit)

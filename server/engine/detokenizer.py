@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class IncrementalDetokenizer:
@@ -13,7 +16,7 @@ class IncrementalDetokenizer:
     could be the start of a stop string.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None, prompt_tail: list[int] | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None, prompt_tail: list[int] | None = None):
         self.tok = tokenizer
         self.stop = [s for s in (stop or []) if s]
         # Start the window with the last prompt tokens so that sentencepiece's leading-space

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from .detokenizer import IncrementalDetokenizer
 from .sequence import SequenceState
 from .step import NewToken
 from .stopping import finish_reason
 from .types import EngineError, EngineStats, ErrorKind, Event, FinishedRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class OutputState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, eos: set[int], max_model_len: int, emit: Emit):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos: set[int], max_model_len: int, emit: Emit):
         self.tokenizer = tokenizer
         self.eos = eos
         self.max_model_len = max_model_len

@@ -8,9 +8,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from model.sampling_params import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:  # for annotations only: the API process imports no torch
+    from transformers import PreTrainedTokenizerBase
+
+    from model.config import SliMEConfig
+    from model.slicing import ImageNorm
+    from model.loading import LoadedModel
+    from model.modeling import ImageFeatures, ImageReport
+    from model.processor import PreparedImage
 
 __all__ = ["CachedImage", "EngineError", "EngineRequest", "EngineStats", "ErrorKind", "Event", "FinishedRequest",
            "ModelInfo", "SamplingParams", "TokenLogprob"]
@@ -20,7 +29,7 @@ __all__ = ["CachedImage", "EngineError", "EngineRequest", "EngineStats", "ErrorK
 class EngineRequest:
     request_id: str
     input_ids: list[int]  # prompt with -200 image placeholders
-    images: list[Any]  # model.processor.PreparedImage, in placeholder order
+    images: list[PreparedImage]  # in placeholder order
     params: SamplingParams
     max_prompt_tokens: int  # upper bound (image rows before selection), checked at admission
     slime_selection: bool = False  # report each image's kept-token mask (playground extension)
@@ -28,7 +37,7 @@ class EngineRequest:
     # blocks and its last logits to the others waiting (copy on write), which compute no prompt.
     group: str | None = None
     arrival: float = field(default_factory=time.monotonic)
-    features: list[Any] | None = None  # model.modeling.ImageFeatures, set by the vision stage
+    features: list[ImageFeatures] | None = None  # set by the vision stage
     vision_seconds: float = 0.0
 
 
@@ -57,7 +66,7 @@ class Event:
     finish_reason: str | None = None  # stop | length | abort | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    images: list[Any] | None = None  # model.modeling.ImageReport, once, with the first tokens
+    images: list[ImageReport] | None = None  # once, with the first tokens
     error: EngineError | None = None
 
     @classmethod
@@ -69,7 +78,7 @@ class Event:
 class CachedImage:
     """A vision-cache hit, as the chat layer sees it (the features stay in the engine)."""
 
-    grid: Any
+    grid: tuple[int, int] | None  # its slicing grid (cols, rows); None for single-view images
 
 
 @dataclass
@@ -77,14 +86,14 @@ class ModelInfo:
     """What request preparation needs of the served model, the same in both engine modes (the
     weights stay with the engine)."""
 
-    cfg: Any  # model.config.SliMEConfig
+    cfg: SliMEConfig
     template: str
-    image_norm: Any
+    image_norm: ImageNorm
     accepts_images: bool
-    tokenizer: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
 
     @classmethod
-    def of(cls, lm) -> "ModelInfo":
+    def of(cls, lm: LoadedModel) -> "ModelInfo":
         """From a model.loading.LoadedModel (its tokenizer included)."""
         return cls(cfg=lm.cfg, template=lm.template, image_norm=lm.image_norm, accepts_images=lm.accepts_images,
                    tokenizer=lm.tokenizer)

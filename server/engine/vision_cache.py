@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.modeling import ImageFeatures
 
 
 class CacheMiss(RuntimeError):
@@ -26,14 +29,14 @@ class VisionCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
         self._pinned: dict[str, float] = {}
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def pin(self, key: str) -> Any | None:
+    def pin(self, key: str) -> ImageFeatures | None:
         """Called from the chat layer: the entry, kept from eviction for a while, or None."""
         with self._lock:
             item = self._items.get(key)
@@ -45,18 +48,18 @@ class VisionCache:
             self._pinned[key] = time.monotonic()
             return item
 
-    def take(self, key: str) -> Any | None:
+    def take(self, key: str) -> ImageFeatures | None:
         with self._lock:
             self._pinned.pop(key, None)
             return self._items.get(key)
 
-    def peek(self, key: str) -> Any | None:
+    def peek(self, key: str) -> ImageFeatures | None:
         """The entry, if present (no pin, no counters): the vision stage's own reuse, e.g. the
         choices of an n>1 request, which share their images."""
         with self._lock:
             return self._items.get(key)
 
-    def put(self, key: str, feats: Any) -> None:
+    def put(self, key: str, feats: ImageFeatures) -> None:
         size = feats.nbytes
         with self._lock:
             if size > self.max_bytes or key in self._items:
