@@ -38,6 +38,23 @@ def _start(cwd: Path, model: str, extra: list[str]) -> tuple[subprocess.Popen, s
     return proc, url
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and its children (an engine process) so far: unlike
+    wall time, what another tenant of the machine takes does not count."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
+
+def _measured(proc: subprocess.Popen, url: str, concurrency: int, max_tokens: int) -> tuple[float, ...]:
+    """`_load`'s figures and the server's CPU milliseconds per token over the load."""
+    cpu = _cpu_seconds(proc.pid)
+    tps, itl, ttft, tokens = asyncio.run(_load(url, concurrency, max_tokens))
+    return tps, itl, ttft, 1000 * (_cpu_seconds(proc.pid) - cpu) / tokens
+
+
 def bench_model(model: str | None, out: Path) -> str:
     """`model` resolved, or a tiny checkpoint built once under `out`."""
     if model:
@@ -61,29 +78,40 @@ def base_tree(commit: str) -> tuple[str, Path]:
     return sha, tree
 
 
-async def _one(c: httpx.AsyncClient, url: str, max_tokens: int, i: int) -> tuple[int, list[float]]:
-    name = (await c.get(url + "/v1/models")).json()["data"][0]["id"]
+def _has_text(line: str) -> bool:
+    """A chunk that carries text (an empty role-only chunk, which older builds sent first, is none)."""
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
+
+
+async def _one(c: httpx.AsyncClient, url: str, name: str, max_tokens: int, i: int) -> tuple[int, float, list[float]]:
+    """-> (text chunks, time to the first in s, the gaps between them in s)."""
     body = {"model": name, "messages": [{"role": "user", "content": f"Tell me story number {i}."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
     times = []
     async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url} answered {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            # a token's chunk (an empty role-only chunk, which older builds sent first, is none)
-            if line.startswith("data: {") and '"content"' in line and '"content": ""' not in line:
+            if _has_text(line):
                 times.append(time.perf_counter())
-    return len(times), [b - a for a, b in zip(times, times[1:])]
+    return len(times), times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
 
-async def _load(url: str, concurrency: int, max_tokens: int) -> tuple[float, float]:
-    """-> (tokens/s over the whole load, median inter-token gap in ms)."""
+async def _load(url: str, concurrency: int, max_tokens: int) -> tuple[float, float, float, int]:
+    """-> (tokens/s over the whole load, median inter-token gap in ms, median time to first token in
+    ms, tokens)."""
     async with httpx.AsyncClient(timeout=300) as c:
+        name = (await c.get(url + "/v1/models")).json()["data"][0]["id"]
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(_one(c, url, max_tokens, i) for i in range(concurrency)))
+        results = await asyncio.gather(*(_one(c, url, name, max_tokens, i) for i in range(concurrency)))
         wall = time.perf_counter() - t0
-    gaps = [g for _, gs in results for g in gs]
-    return sum(n for n, _ in results) / wall, 1000 * statistics.median(gaps)
+    gaps = [g for _, _, gs in results for g in gs]
+    tokens = sum(n for n, _, _ in results)
+    return tokens / wall, 1000 * statistics.median(gaps), 1000 * statistics.median(t for _, t, _ in results), tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
                 for c in levels:
-                    results[(name, c)].append(asyncio.run(_load(servers[name][1], c, args.max_tokens)))
+                    results[(name, c)].append(_measured(*servers[name], c, args.max_tokens))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -119,19 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     base, head = list(servers)
     lines = [f"# {head} vs {base}: {args.rounds} alternating rounds, {args.max_tokens} tokens per stream, "
              f"median per round", "",
-             "| streams | base tok/s | this tok/s | ratio | paired ratio | base ITL p50 ms | this ITL p50 ms | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| streams | base tok/s | this tok/s | ratio | paired ratio | base ITL p50 ms | this ITL p50 ms | ratio "
+             "| base TTFT p50 ms | this TTFT p50 ms | ratio | base CPU ms/token | this CPU ms/token | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for c in levels:
         bt = statistics.median(x[0] for x in results[(base, c)])
         ht = statistics.median(x[0] for x in results[(head, c)])
         bi = statistics.median(x[1] for x in results[(base, c)])
         hi = statistics.median(x[1] for x in results[(head, c)])
+        bf = statistics.median(x[2] for x in results[(base, c)])
+        hf = statistics.median(x[2] for x in results[(head, c)])
+        bc = statistics.median(x[3] for x in results[(base, c)])
+        hc = statistics.median(x[3] for x in results[(head, c)])
         # the median of each round's ratio: both servers measured in the same round, minutes apart at most
         paired = statistics.median(h[0] / b[0] for h, b in zip(results[(head, c)], results[(base, c)]))
-        summary[c] = {"base_tps": bt, "head_tps": ht, "paired_ratio": paired, "base_itl_ms": bi, "head_itl_ms": hi}
+        summary[c] = {"base_tps": bt, "head_tps": ht, "paired_ratio": paired, "base_itl_ms": bi, "head_itl_ms": hi,
+                      "base_ttft_ms": bf, "head_ttft_ms": hf, "base_cpu_ms_per_token": bc, "head_cpu_ms_per_token": hc}
         lines.append(f"| {c} | {bt:.0f} | {ht:.0f} | x{ht / bt:.2f} | x{paired:.2f} | {bi:.2f} | {hi:.2f} | "
-                     f"x{hi / bi:.2f} |")
+                     f"x{hi / bi:.2f} | {bf:.1f} | {hf:.1f} | x{hf / bf:.2f} | {bc:.2f} | {hc:.2f} | x{hc / bc:.2f} |")
     text = "\n".join(lines)
     print(text)
     (out / f"compare-{sha}.md").write_text(text + "\n")
