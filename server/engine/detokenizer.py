@@ -16,7 +16,8 @@ class IncrementalDetokenizer:
     could be the start of a stop string.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None, prompt_tail: list[int] | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None,
+                 prompt_tail: list[int] | None = None):
         self.tok = tokenizer
         self.stop = [s for s in (stop or []) if s]
         # Start the window with the last prompt tokens so that sentencepiece's leading-space
