@@ -35,7 +35,7 @@ def validation_error(e: ValidationError, *, skip: frozenset[str] = frozenset(), 
     """A pydantic ValidationError as a 400 naming the field of its first error: pydantic's location
     (`messages.0.content`, the names in `skip` -- union tags, not fields a client wrote -- left out),
     or for a request check the failing model's location and the field it names
-    (`messages[0].tool_calls`, as the preparer's checks name theirs). `prefix`: where the validated
+    (`messages[0].tool_calls`, as the image URL checks name theirs). `prefix`: where the validated
     model sits in the request, when it is built from one (`input[2]`)."""
     err = e.errors()[0]
     loc = [x for x in err["loc"] if str(x) not in skip]
