@@ -2,8 +2,8 @@
 parameters, i.e. the engine requests to submit. `messages` (the template's turns, the image URLs and
 the server's limits on both; each message was checked against its role by `ChatMessage`) runs
 anywhere; `prepare` runs in a worker thread (image decoding, slicing and tokenising are CPU work
-that must stay off the event loop) once the request's image URLs were fetched (`fetch.ImageFetcher`: network waits never
-hold a preparation worker)."""
+that must stay off the event loop) once the request's image URLs were fetched
+(`fetch.ImageFetcher`: network waits never hold a preparation worker)."""
 
 from __future__ import annotations
 
