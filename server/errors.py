@@ -43,7 +43,7 @@ def validation_error(e: ValidationError, *, skip: frozenset[str] = frozenset(), 
         path = _bracketed(loc, prefix)
         field = err["ctx"]["field"]
         return bad_request(err["msg"], param=(f"{path}.{field}" if path and field else path or field) or None)
-    param = ".".join([prefix] * bool(prefix) + [str(x) for x in loc]) or None
+    param = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc)) or None
     if err["type"] == "extra_forbidden":
         return APIError(400, f"'{param}' is not a supported parameter", param=param, code="unsupported_parameter")
     return bad_request(f"{param}: {err['msg']}" if param else err["msg"], param=param)

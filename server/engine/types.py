@@ -16,10 +16,10 @@ if TYPE_CHECKING:  # for annotations only: the API process imports no torch
     from transformers import PreTrainedTokenizerBase
 
     from model.config import SliMEConfig
-    from model.slicing import ImageNorm
     from model.loading import LoadedModel
     from model.modeling import ImageFeatures, ImageReport
     from model.processor import PreparedImage
+    from model.slicing import ImageNorm
 
 __all__ = ["CachedImage", "EngineError", "EngineRequest", "EngineStats", "ErrorKind", "Event", "FinishedRequest",
            "ModelInfo", "SamplingParams", "TokenLogprob"]

@@ -18,7 +18,7 @@ M = TypeVar("M", bound=BaseModel)
 
 # union members' tags in pydantic's error locations (see protocol.py), not fields a client wrote
 _UNION_TAGS = frozenset({"TextPart", "ImagePart", "str", "list[parts]", "InputText", "InputImage", "OutputText",
-               "MessageItem", "FunctionCallItem", "FunctionCallOutputItem"})
+                         "MessageItem", "FunctionCallItem", "FunctionCallOutputItem"})
 
 
 def json_body_schema(name: str) -> dict:
