@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SliMEConfig
-from . import cpu_decode, paged_attention_cpu, paged_attention_triton
+from . import cpu_decode, paged_attention_cpu, paged_attention_flash, paged_attention_triton
 from .kv_cache import KVCache
 from .pointwise import PointwiseKernels, Rotary, rms_norm, silu_mul
 
@@ -224,7 +224,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape  # [B, T, D]
         pr = step.per_row
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if step.inplace:  # CPU float32 decode: RoPE, the cache write and attention in one call
+        if step.backend == "cpu":  # CPU float32 decode: RoPE, the cache write and attention in one call
             if self.fused:
                 qkv = project(x, self.qkv_weight, self.qkv_bias, self.qkv_packed, pr)
             else:
@@ -254,9 +254,13 @@ class Attention(nn.Module):
         if step.positions is not None:  # decode: row i feeds one token at positions[i]
             real = step.positions.shape[0]  # rows past it only pad the batch (see `linear`)
             cache.write(layer, *step.write_at, k[:real, :, 0].transpose(0, 1), v[:real, :, 0].transpose(0, 1))
-            if step.lengths is not None:  # the Triton backend: read the blocks where they lie
-                out = paged_attention_triton.paged_decode(q[:real, :, 0], cache.k[layer], cache.v[layer], step.tables,
-                                                          step.lengths, splits=step.splits)  # [B, H, hd]
+            if step.backend in ("triton", "flash"):  # read the blocks where they lie
+                if step.backend == "flash":
+                    out = paged_attention_flash.attend(q[:real].transpose(1, 2), cache.k[layer], cache.v[layer],
+                                                       step.tables, step.lengths)  # [B, 1, H, hd]
+                else:
+                    out = paged_attention_triton.paged_decode(q[:real, :, 0], cache.k[layer], cache.v[layer],
+                                                              step.tables, step.lengths, splits=step.splits)
                 out = out.reshape(real, t, -1)
                 if real < b:
                     out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
@@ -271,6 +275,10 @@ class Attention(nn.Module):
             k, v = keys.transpose(0, 1), values.transpose(0, 1)  # [B, Hkv, span, hd]
         else:  # prefill: one sequence's positions start..start+T-1
             cache.write(layer, *step.write_at, k[0], v[0])
+            if step.backend == "flash":  # every chunk over the cache, its own new keys included
+                out = paged_attention_flash.attend(q.transpose(1, 2), cache.k[layer], cache.v[layer], step.tables,
+                                                   step.lengths)  # [1, T, H, hd]
+                return linear(self.o_proj, out.reshape(b, t, -1), pr)
             if step.flash is not None and not step.start:  # flash-attn 2 wants [B, T, H, hd]
                 out = step.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
                 return linear(self.o_proj, out.reshape(b, t, -1), pr)
@@ -343,25 +351,29 @@ class LlamaForCausalLM(nn.Module):
         # otherwise SDPA, which on CUDA picks its own fused kernels.
         self.flash_attn = None
         # How decode attends, chosen once at load (see `set_attention_backend`): "sdpa" gathers
-        # each sequence's blocks into a padded copy; "triton" and "cpu" read them in place.
+        # each sequence's blocks into a padded copy; "cpu", "triton" and "flash" read them in place
+        # ("flash" prompt chunks too).
         self.attention_backend = "sdpa"
-        self.attention_backend_auto = False  # chosen by "auto" (then a failing Triton warm-up falls back)
+        self.attention_backend_auto = False  # chosen by "auto" (then a kernel failing its warm-up falls back)
 
-    ATTENTION_BACKENDS = ("cpu", "triton", "sdpa")
+    ATTENTION_BACKENDS = ("cpu", "triton", "flash", "sdpa")
 
     def set_attention_backend(self, backend: str) -> None:
         """"cpu": the numba kernel (CPU float32, see `enable_inplace_decode_attention`); "triton":
-        `model.paged_attention_triton` (CUDA, or the CPU under TRITON_INTERPRET=1); "sdpa": gather
-        and SDPA (anything)."""
+        `model.paged_attention_triton` (CUDA, or the CPU under TRITON_INTERPRET=1); "flash":
+        flash-attn's paged path (`model.paged_attention_flash`: CUDA, half precision, a cache of
+        256-position blocks); "sdpa": gather and SDPA (anything)."""
         if backend not in self.ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r} ({', '.join(self.ATTENTION_BACKENDS)})")
         if backend == "cpu" and not self.enable_inplace_decode_attention():
             raise ValueError("the cpu attention backend needs the model in float32 on the CPU, and numba")
         if backend == "triton" and not paged_attention_triton.available():
             raise ValueError("the triton attention backend needs triton (pip install triton)")
+        if backend == "flash" and not paged_attention_flash.available():
+            raise ValueError("the flash attention backend needs flash-attn (pip install 'slime-serve[gpu]')")
         if backend != "cpu":
             self.inplace_decode_attention = False
-        if backend == "triton":  # its splits follow the batch's longest sequence: rows are not batch-invariant
+        if backend in ("triton", "flash"):  # their splits follow the batch's shape: rows are not batch-invariant
             self.batch_invariant = False
         self.attention_backend = backend
 
@@ -441,8 +453,11 @@ class LlamaForCausalLM(nn.Module):
                   block_size: int = 16, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         """A paged KV cache for this model: `num_blocks` blocks for an engine that assigns them,
-        or `num_slots` fixed tables of `max_len` positions (see `KVCache.for_slots`)."""
+        or `num_slots` fixed tables of `max_len` positions (see `KVCache.for_slots`). The flash
+        backend takes blocks of a multiple of 256 positions: `block_size` is rounded up to one."""
         cfg, w = self.cfg, self.lm_head.weight
+        if self.attention_backend == "flash":
+            block_size = paged_attention_flash.block_size(block_size)
         kw = dict(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_head,
                   dtype=dtype or w.dtype, device=device or w.device, block_size=block_size)
         if num_blocks is not None:
@@ -492,12 +507,17 @@ class LlamaForCausalLM(nn.Module):
         bs = cache.block_size
         tables = cache.tables([table], -(-(start + t) // bs) * bs)  # [1, nblk]
         positions = torch.arange(start, start + t, device=device).unsqueeze(0)  # [1, T]
-        mask = None
-        if start:
-            keys = torch.arange(start + t, device=device).view(1, -1)
-            mask = (keys <= positions.view(t, 1)).view(1, 1, t, start + t)
-        step = Step(start=start, tables=tables, write_at=cache.where(tables[0], positions[0]), mask=mask,
-                    causal=start == 0, flash=self.flash_attn)
+        write_at = cache.where(tables[0], positions[0])
+        if self.attention_backend == "flash":  # over the cache, its causal mask aligned to the end
+            step = Step(start=start, tables=tables.int(), write_at=write_at, backend="flash",
+                        lengths=torch.tensor([start + t], dtype=torch.int32, device=device))
+        else:
+            mask = None
+            if start:
+                keys = torch.arange(start + t, device=device).view(1, -1)
+                mask = (keys <= positions.view(t, 1)).view(1, 1, t, start + t)
+            step = Step(start=start, tables=tables, write_at=write_at, mask=mask, causal=start == 0,
+                        flash=self.flash_attn)
         return self._run(embeds.unsqueeze(0), positions, cache, step, start + t)[0, -1]
 
     @torch.inference_mode()
@@ -520,11 +540,11 @@ class LlamaForCausalLM(nn.Module):
             if cpu_decode.ready(self):  # the serving form: the same ops, without module dispatch
                 return cpu_decode.decode_step(self, embeds, pos, cache.tables(tables, span), cache, span)
             table = cache.tables(tables, span)  # [B, blocks of the longest]
-            step = Step(positions=pos, tables=table, per_row=self.batch_invariant, inplace=True)
-        elif self.attention_backend == "triton":
+            step = Step(positions=pos, tables=table, per_row=self.batch_invariant, backend="cpu")
+        elif self.attention_backend in ("triton", "flash"):
             span = -(-max(lengths) // bs) * bs
             table = cache.tables(tables, span)  # [B, blocks of the longest]
-            step = self._triton_step(pos, table, cache)
+            step = self._paged_step(pos, table, cache)
         else:
             span = key_span(lengths, bs) if self.batch_invariant else -(-max(lengths) // bs) * bs
             table = cache.tables(tables, span)  # [B, span / block_size]
@@ -553,8 +573,8 @@ class LlamaForCausalLM(nn.Module):
         point at the null block). -> float32 logits `[B, V]`.
         """
         b, span = ids.shape[0], tables.shape[1] * cache.block_size
-        if self.attention_backend == "triton":
-            step = self._triton_step(positions, tables, cache)
+        if self.attention_backend in ("triton", "flash"):
+            step = self._paged_step(positions, tables, cache)
             hidden = self._run(self.embed(ids).unsqueeze(1), positions.view(b, 1), cache, step, span)
             return self.lm_head(hidden[:, 0]).float()
         keys = torch.arange(span, device=ids.device)
@@ -566,12 +586,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden[:, 0]).float()
 
 
-    def _triton_step(self, positions: torch.Tensor, tables: torch.Tensor, cache: KVCache) -> "Step":
-        """A decode step through the Triton kernel: lengths on the device, splits from shapes."""
+    def _paged_step(self, positions: torch.Tensor, tables: torch.Tensor, cache: KVCache) -> "Step":
+        """A decode step through the Triton kernel (splits from shapes) or flash-attn (int32 tables
+        and lengths, converted once a step): lengths on the device."""
+        write_at = cache.where(tables, positions)
+        if self.attention_backend == "flash":
+            return Step(positions=positions, tables=tables.int(), write_at=write_at, backend="flash",
+                        lengths=(positions + 1).int())
         splits = paged_attention_triton.default_splits(tables.shape[0], self.cfg.num_key_value_heads,
                                                        tables.shape[1] * cache.block_size)
-        return Step(positions=positions, tables=tables, write_at=cache.where(tables, positions),
-                    per_row=self.batch_invariant, lengths=positions + 1, splits=splits)
+        return Step(positions=positions, tables=tables, write_at=write_at, per_row=self.batch_invariant,
+                    lengths=positions + 1, splits=splits, backend="triton")
 
 
 @dataclass
@@ -586,8 +611,11 @@ class Step:
     causal: bool = False
     per_row: bool = False  # batch-invariant decode: row-invariant linears (packed, or padded to 4 rows)
     pad: torch.Tensor | None = None  # decode, batch-invariant: -inf on padding keys (see bucket_bias)
-    flash: object = None  # prefill: flash_attn_func when enabled
-    inplace: bool = False  # decode: `model.paged_attention_cpu` writes and attends (no write_at, no gather)
-    kernel: object = None  # with `inplace`: the step's paged_attention_cpu.DecodeStep, made by the first layer
-    lengths: torch.Tensor | None = None  # decode through the Triton kernel: keys per row `[B]`
-    splits: int = 1  # ... and its split-K factor
+    # How this step attends (the model's backend): "sdpa" gathers; "cpu" (decode) has
+    # `model.paged_attention_cpu` write and attend (no write_at, no gather); "triton" (decode) and
+    # "flash" (decode and prefill) read the blocks where they lie, up to `lengths`.
+    backend: str = "sdpa"
+    flash: object = None  # sdpa prefill from position 0: flash_attn_func when enabled
+    kernel: object = None  # cpu: the step's paged_attention_cpu.DecodeStep, made by the first layer
+    lengths: torch.Tensor | None = None  # triton, flash: keys per row `[B]`, the new ones included
+    splits: int = 1  # the Triton kernel's split-K factor

@@ -48,7 +48,7 @@ class LoadOptions:
     quantization: str = "none"  # none | 8bit | 4bit
     allow_download: bool = False
     attention: str = "auto"  # auto | sdpa | flash_attention_2 (prefill)
-    attention_backend: str = "auto"  # auto | cpu | triton | sdpa (decode; see `decode_backend`)
+    attention_backend: str = "auto"  # auto | cpu | triton | flash | sdpa (see `decode_backend`)
     model_base: str | Path | None = None  # base model of a LoRA checkpoint (the reference's model_base)
 
 
@@ -266,14 +266,20 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
 
 
 def decode_backend(choice: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> str:
-    """The decode attention backend: `choice`, or for "auto" the fastest available here: the numba
-    kernel for CPU float32, the Triton kernel on CUDA, else gather + SDPA."""
-    from . import paged_attention_cpu, paged_attention_triton
+    """The attention backend: `choice`, or for "auto" the fastest available here: the numba kernel
+    for CPU float32; on CUDA flash-attn's paged path in half precision when installed, else the
+    Triton kernel; else gather + SDPA."""
+    from . import paged_attention_cpu, paged_attention_flash, paged_attention_triton
 
+    half = dtype in (torch.float16, torch.bfloat16)
+    if choice == "flash" and not (device.type == "cuda" and half):
+        raise ValueError("the flash attention backend needs a CUDA device and float16/bfloat16")
     if choice != "auto":
         return choice
     if device.type == "cpu" and dtype == torch.float32 and quantization == "none" and paged_attention_cpu.available():
         return "cpu"
+    if device.type == "cuda" and half and paged_attention_flash.available():
+        return "flash"
     if device.type == "cuda" and paged_attention_triton.available():
         return "triton"
     return "sdpa"

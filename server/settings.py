@@ -28,11 +28,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes weights for the LLM")
     attention: Literal["auto", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="auto: flash-attn 2 for prefill when installed on CUDA, else SDPA")
-    attention_backend: Literal["auto", "cpu", "triton", "sdpa"] = Field(
-        "auto", description="decode attention, chosen once at load. auto: cpu (numba) for CPU float32, triton on "
-        "CUDA, else sdpa (gathers each sequence's blocks into a padded copy); triton on the CPU needs "
-        "TRITON_INTERPRET=1 (slow: for tests)")
+        "auto", description="first prompt chunk with the sdpa/triton backends. auto: flash-attn 2 when installed "
+        "on CUDA, else SDPA (the flash backend attends every chunk through its paged path)")
+    attention_backend: Literal["auto", "cpu", "triton", "flash", "sdpa"] = Field(
+        "auto", description="decode attention, chosen once at load. auto: cpu (numba) for CPU float32; on CUDA "
+        "flash (flash-attn's paged path, half precision, 256-position KV blocks: decode and prompt chunks) when "
+        "flash-attn is installed, else triton; else sdpa (gathers each sequence's blocks into a padded copy); "
+        "triton on the CPU needs TRITON_INTERPRET=1 (slow: for tests)")
     served_model_name: str | None = Field(None, description="model id in the API (default: directory name)")
     chat_template: Literal["auto", "vicuna_v1", "llama3"] = Field("auto", description="auto: llama3 if the tokenizer knows <|eot_id|>")
     allow_download: bool = Field(False, description="fetch a hub CLIP tower named by the checkpoint")
@@ -46,7 +48,8 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per engine step")
     kv_cache_mb: int = Field(0, ge=0, description="KV-cache pool in MiB (0: auto: on CUDA 80 percent of the memory free "
                              "after loading; on the CPU 16 sequences of max-model-len, at most 4 GiB)")
-    kv_block_size: int = Field(16, description="positions per KV-cache block (a power of two, 8 to 256)")
+    kv_block_size: int = Field(16, description="positions per KV-cache block (a power of two, 8 to 256; the flash "
+                               "attention backend uses 256)")
     prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes seen before "
                                  "(text, and images by content and kept tokens)")
     cuda_graphs: bool = Field(True, description="replay the decode step as CUDA graphs (CUDA, unquantized)")

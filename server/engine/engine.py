@@ -38,11 +38,12 @@ class EngineCore:
         self.runner = runner
         self.info = info if info is not None else ModelInfo.of(runner.lm)
         pool = BlockPool(runner.num_blocks, runner.block_size, prefix_caching=prefix_caching)
+        # chunks end on block boundaries (the flash backend's 256-position blocks can outgrow one)
+        self.prefill_chunk = prefill_chunk = -(-prefill_chunk // runner.block_size) * runner.block_size
         self.scheduler = Scheduler(max_batch_size=max_batch_size or runner.max_batch_size, pool=pool,
                                    prefill_chunk=prefill_chunk, key_generated=runner.llm.batch_invariant)
         self.executor = StepExecutor(runner, fault_hook)
         self.output = OutputProcessor(runner.lm.tokenizer, runner.eos, runner.max_model_len, self._emit)
-        self.prefill_chunk = prefill_chunk
         self.sink = sink
         self._live: set[str] = set()  # submitted, not finished or aborted
         self._inbox = Inbox(runner.compile_grammar if compile_grammars else None)

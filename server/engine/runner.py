@@ -101,7 +101,14 @@ class ModelRunner:
         # the sdpa backend gathers each sequence's K and V of one layer at a time ([Hkv, B, span,
         # hd] x 2; the others read the blocks in place); image features waiting for their
         # requests to start live beside the pool too
-        gather = lm.model.llm.attention_backend == "sdpa"
+        gather = self.llm.attention_backend == "sdpa"
+        if self.llm.attention_backend == "flash":  # flash-attn's paged path takes 256-position blocks
+            from model import paged_attention_flash
+
+            if block_size != paged_attention_flash.block_size(block_size):
+                block_size = paged_attention_flash.block_size(block_size)
+                log.info("the flash attention backend takes blocks of a multiple of 256 positions: "
+                         "KV-cache blocks of %d", block_size)
         scratch = (max_batch_size * max_model_len * per_token // cfg.num_hidden_layers if gather else 0) \
             + vision_queue_bytes
         num_blocks = kv_cache_blocks(kv_cache_bytes, block_size=block_size, bytes_per_token=per_token,
@@ -135,15 +142,15 @@ class ModelRunner:
         The structured-output compiler (its view of the vocabulary) is built and used for one
         mask here too."""
         self.grammars.warm_up()
-        if self.llm.attention_backend == "triton":
+        if self.llm.attention_backend in ("triton", "flash"):
             try:
-                self._warm_up_triton()
+                self._warm_up_paged()
             except Exception:
                 if not self.llm.attention_backend_auto:  # asked for by name: the operator should know
                     raise
-                log.exception("the Triton decode kernel failed its warm-up: decoding through gather + SDPA "
+                log.exception("the %s attention kernel failed its warm-up: attending through gather + SDPA "
                               "(the KV cache was sized without room for the gather: lower --kv-cache-mb if "
-                              "decode runs out of memory)")
+                              "decode runs out of memory)", self.llm.attention_backend)
                 self.llm.set_attention_backend("sdpa")
                 if self.graphs is not None:
                     self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=self.max_batch_size,
@@ -158,16 +165,22 @@ class ModelRunner:
             self._warm_up()
 
     @torch.inference_mode()
-    def _warm_up_triton(self) -> None:
-        """Both Triton kernels compiled (one split, and split-K with its merge) at the longest span,
-        reading block 1 (scratch before serving) of layer 0 only: a failure here is the kernel's."""
-        from model import paged_attention_triton
+    def _warm_up_paged(self) -> None:
+        """The paged attention kernel run at the longest span, reading block 1 (scratch before
+        serving) of layer 0 only, so that a failure here is the kernel's: both Triton kernels
+        compiled (one split, and split-K with its merge), or flash-attn's decode and chunk shapes."""
+        from model import paged_attention_flash, paged_attention_triton
 
         cfg, cache = self.lm.cfg, self.cache
         q = torch.zeros(1, cfg.num_attention_heads, cfg.dim_head, dtype=cache.k.dtype, device=self.device)
         width = -(-min(self.max_model_len, cache.max_len) // cache.block_size)
         tables = torch.ones(1, width, dtype=torch.long, device=self.device)
         lengths = torch.tensor([width * cache.block_size], device=self.device)
+        if self.llm.attention_backend == "flash":
+            for queries in (1, 2):  # decode, and a prompt chunk over the cache
+                paged_attention_flash.attend(q.unsqueeze(1).expand(1, queries, -1, -1).contiguous(), cache.k[0],
+                                             cache.v[0], tables.int(), lengths.int())
+            return
         for splits in (1, 2):
             paged_attention_triton.paged_decode(q, cache.k[0], cache.v[0], tables, lengths, splits=splits)
 

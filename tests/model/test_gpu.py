@@ -92,3 +92,54 @@ def test_the_triton_kernel_on_the_device_equals_sdpa(splits):
     mask = (torch.arange(nblk * bs, device="cuda").view(1, -1) < lengths.view(-1, 1)).view(b, 1, 1, -1)
     ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
     assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("queries", [1, 7])
+def test_flash_attn_s_paged_path_on_the_device_equals_sdpa(queries):
+    """The real `flash_attn_with_kvcache` through our permuted cache view (skipped without flash-attn)."""
+    import torch.nn.functional as F
+
+    pytest.importorskip("flash_attn")
+    from model.paged_attention_flash import attend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, hkv, hd, bs, nblk = 3, 32, 8, 128, 256, 16
+    lengths = torch.tensor([7, 1000, 4000], device="cuda", dtype=torch.int32)
+    tables = (torch.randperm(b * nblk, device="cuda", generator=g) + 1).view(b, nblk).int()
+    k = torch.randn(hkv, b * nblk + 1, bs, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(b, queries, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+    got = attend(q, k, v, tables, lengths).float()
+    keys = k[:, tables.long()].reshape(hkv, b, nblk * bs, hd).transpose(0, 1).float()
+    values = v[:, tables.long()].reshape(hkv, b, nblk * bs, hd).transpose(0, 1).float()
+    ends = lengths.view(-1, 1, 1) - queries + torch.arange(queries, device="cuda").view(1, -1, 1)  # [B, T, 1]
+    mask = (torch.arange(nblk * bs, device="cuda").view(1, 1, -1) <= ends).unsqueeze(1)  # [B, 1, T, span]
+    ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+    ref = ref.transpose(1, 2)
+    assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (got - ref).abs().max()
+
+
+def test_the_flash_backend_serves_the_tiny_checkpoint_on_the_device(tiny_dir):
+    """`--attention-backend flash` (bf16): load, warm up (graphs captured over flash-attn), and the
+    logits of sdpa, within bf16's rounding, for a prompt prefilled in two chunks and decoded on."""
+    pytest.importorskip("flash_attn")
+    from server.engine.runner import ModelRunner
+
+    prompt = [1] + [(3 * j) % 200 + 5 for j in range(300)]
+    ids = torch.tensor(prompt + [7, 9, 11, 13], device="cuda")
+    logits = {}
+    for backend in ("flash", "sdpa"):
+        lm = load_model(tiny_dir, LoadOptions(device="cuda", dtype="bfloat16", attention_backend=backend))
+        runner = ModelRunner(lm, max_batch_size=4, max_model_len=1024)
+        runner.warm_up()
+        assert runner.block_size == (256 if backend == "flash" else 16)
+        llm, cache = lm.model.llm, runner.cache
+        table = list(range(1, 1 + -(-len(ids) // runner.block_size)))
+        emb = llm.embed(ids)
+        llm.prefill(emb[:256], cache, start=0, table=table)
+        rows = [llm.logits(llm.prefill(emb[256:len(prompt)], cache, start=256, table=table))]
+        for pos in range(len(prompt), len(ids)):
+            rows.append(llm.logits(llm.decode(emb[pos:pos + 1], [pos], cache, [table]))[0])
+        logits[backend] = torch.stack(rows)
+    assert torch.allclose(logits["flash"], logits["sdpa"], atol=0.1, rtol=0.05), \
+        (logits["flash"] - logits["sdpa"]).abs().max()

@@ -1,0 +1,176 @@
+"""The flash attention backend (flash-attn's paged `flash_attn_with_kvcache`) without CUDA: what it
+hands flash-attn is checked against `flash_attn_contract`, a plain-torch model of that function's
+documented behaviour and argument checks, installed as the `flash_attn` module. The tiny
+checkpoint decodes and serves through it to the CPU backend's greedy tokens, prompt chunks over
+the cache included."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import paged_attention_flash
+from model.loading import LoadOptions, decode_backend, load_model
+from model.sampling import SamplingParams
+from tests.model import flash_attn_contract
+
+
+@pytest.fixture
+def flash(monkeypatch):
+    flash_attn_contract.install(monkeypatch)
+    yield flash_attn_contract.calls
+    flash_attn_contract.reset()
+
+
+def _reference(q, k_layer, v_layer, tables, lengths):
+    """Gather + SDPA: q `[B, T, H, hd]` over each row's keys, the causal mask aligned to the end."""
+    b, t, h, hd = q.shape
+    hkv, _, bs, _ = k_layer.shape
+    out = torch.empty_like(q)
+    for row in range(b):
+        n = int(lengths[row])
+        blocks = tables[row, :-(-n // bs)].long()
+        k = k_layer[:, blocks].reshape(hkv, -1, hd)[:, :n]  # [Hkv, n, hd]
+        v = v_layer[:, blocks].reshape(hkv, -1, hd)[:, :n]
+        seen = torch.arange(n).view(1, n) <= torch.arange(n - t, n).view(t, 1)
+        out[row] = F.scaled_dot_product_attention(q[row].transpose(0, 1), k, v, attn_mask=seen,
+                                                  enable_gqa=h != hkv).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("queries", [1, 5])
+def test_attend_reads_the_blocks_where_they_lie(flash, heads, kv_heads, queries):
+    """Ragged lengths across block edges, a shuffled pool with holes, the null block past each end."""
+    g = torch.Generator().manual_seed(0)
+    hd, bs, num_blocks = 16, 256, 12
+    k_layer = torch.randn(kv_heads, num_blocks, bs, hd, generator=g)
+    v_layer = torch.randn(kv_heads, num_blocks, bs, hd, generator=g)
+    lengths = torch.tensor([5, 256, 257, 700], dtype=torch.int32)
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()  # block 0 is the null block
+    tables = torch.zeros(4, 3, dtype=torch.int32)
+    for row, n in enumerate(lengths.tolist()):
+        need = -(-n // bs)
+        tables[row, :need] = torch.tensor([order.pop() for _ in range(need)])
+    q = torch.randn(4, queries, heads, hd, generator=g)
+    got = paged_attention_flash.attend(q, k_layer, v_layer, tables, lengths)
+    assert torch.allclose(got, _reference(q, k_layer, v_layer, tables, lengths), atol=1e-5)
+    assert flash == [{"batch": 4, "queries": queries, "blocks": 3}]
+
+
+def test_without_flash_attn_the_backend_is_refused(tiny_lm, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # an import of it fails
+    paged_attention_flash._kernel.cache_clear()
+    try:
+        assert not paged_attention_flash.available()
+        with pytest.raises(ValueError, match="flash-attn"):
+            tiny_lm.model.llm.set_attention_backend("flash")
+        assert decode_backend("auto", torch.device("cuda"), torch.bfloat16) != "flash"
+    finally:
+        paged_attention_flash._kernel.cache_clear()
+
+
+def test_auto_picks_flash_on_cuda_in_half_precision_only(flash, tiny_dir):
+    from model.checkpoint import CheckpointError
+
+    cuda = torch.device("cuda")
+    assert decode_backend("auto", cuda, torch.bfloat16) == "flash"
+    assert decode_backend("auto", cuda, torch.float16) == "flash"
+    assert decode_backend("auto", cuda, torch.float32) != "flash"
+    assert decode_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    with pytest.raises(CheckpointError, match="CUDA device and float16/bfloat16"):
+        load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="flash"))
+
+
+def _flash_lm(tiny_dir):
+    """The tiny checkpoint in float32 on the CPU with the flash backend (the loader would refuse it
+    here: flash-attn proper needs CUDA)."""
+    lm = load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="sdpa"))
+    lm.model.llm.set_attention_backend("flash")
+    return lm
+
+
+def _greedy(lm, prompts, steps: int = 10, chunk: int = 256):
+    """Greedy tokens of each prompt, prefilled in chunks of `chunk`, decoded together."""
+    llm = lm.model.llm
+    cache = llm.new_cache(num_slots=len(prompts), max_len=640)
+    hidden = []
+    for slot, p in enumerate(prompts):
+        emb = llm.embed(torch.tensor(p))
+        for start in range(0, len(p), chunk):
+            h = llm.prefill(emb[start:start + chunk], cache, slot=slot, start=start)
+        hidden.append(h)
+    tokens = [[int(llm.logits(h).argmax())] for h in hidden]
+    positions = [len(p) for p in prompts]
+    for _ in range(steps):
+        hidden = llm.decode(llm.embed(torch.tensor([t[-1] for t in tokens])), positions, cache)
+        for t, row in zip(tokens, llm.logits(hidden).argmax(-1).tolist()):
+            t.append(row)
+        positions = [p + 1 for p in positions]
+    return tokens, cache.block_size
+
+
+def test_the_flash_backend_decodes_the_tiny_checkpoint_as_the_cpu_backend(flash, tiny_dir):
+    prompts = [[1] + [(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate((4, 250, 300, 520))]
+    got, block_size = _greedy(_flash_lm(tiny_dir), prompts)
+    assert block_size == 256  # flash-attn's paged path takes multiples of 256
+    want, _ = _greedy(load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="cpu")), prompts)
+    assert got == want
+    assert any(c["queries"] > 1 and c["blocks"] > 1 for c in flash)  # a later chunk over the cache
+    assert any(c["queries"] == 1 and c["batch"] == 4 for c in flash)  # batched decode
+
+
+def test_the_flash_backend_serves_through_the_engine(flash, tiny_dir):
+    """Chunked prefill (the chunk grows to the 256-position block), prefix reuse and batched
+    decode through the engine, to the cpu backend's tokens."""
+    from server.engine.client import Engine
+    from server.engine.runner import ModelRunner
+    from server.engine.types import EngineRequest
+
+    shared = [1] + [(3 * j) % 200 + 5 for j in range(270)]
+    prompts = [shared + [(5 * i + j) % 200 + 5 for j in range(10 + 20 * i)] for i in range(3)]
+
+    def serve(lm):
+        runner = ModelRunner(lm, max_batch_size=4, max_model_len=640)
+        engine = Engine(runner, prefill_chunk=64)
+        with engine:
+            async def main():
+                params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+                streams = [engine.submit(EngineRequest(f"r{i}", p, [], params, len(p))) for i, p in enumerate(prompts)]
+
+                async def collect(stream):
+                    return [t async for ev in stream for t in ev.token_ids]
+
+                return await asyncio.gather(*(collect(s) for s in streams))
+
+            return asyncio.run(main()), runner.block_size, engine.prefill_chunk
+
+    got, block_size, chunk = serve(_flash_lm(tiny_dir))
+    assert (block_size, chunk) == (256, 256)
+    want, _, _ = serve(load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="cpu")))
+    assert got == want
+
+
+def test_a_flash_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_auto(flash, tiny_dir, monkeypatch):
+    from server.engine.runner import ModelRunner
+
+    lm = _flash_lm(tiny_dir)
+    lm.model.llm.attention_backend_auto = True
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated: no kernel image for this device")
+
+    monkeypatch.setattr(flash_attn_contract, "flash_attn_with_kvcache", broken)
+    flash_attn_contract.install(monkeypatch)
+    runner = ModelRunner(lm, max_batch_size=2, max_model_len=128)
+    runner.warm_up()
+    assert lm.model.llm.attention_backend == "sdpa"
+    lm.model.llm.set_attention_backend("flash")
+    lm.model.llm.attention_backend_auto = False
+    with pytest.raises(RuntimeError, match="simulated"):
+        ModelRunner(lm, max_batch_size=2, max_model_len=128).warm_up()
