@@ -279,9 +279,6 @@ class Attention(nn.Module):
                 out = paged_attention_flash.attend(q.transpose(1, 2), cache.k[layer], cache.v[layer], step.tables,
                                                    step.lengths)  # [1, T, H, hd]
                 return linear(self.o_proj, out.reshape(b, t, -1), pr)
-            if step.flash is not None and not step.start:  # flash-attn 2 wants [B, T, H, hd]
-                out = step.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-                return linear(self.o_proj, out.reshape(b, t, -1), pr)
             if step.start:  # a later chunk: attend to the cached prefix as well
                 keys, values = cache.gather(layer, step.tables)  # [Hkv, 1, span, hd]
                 k = keys[:, :, :step.start + t].transpose(0, 1)
@@ -347,12 +344,10 @@ class LlamaForCausalLM(nn.Module):
         self.packed = False  # every projection and the LM head through oneDNN (see `pack_weights`)
         self._cpu_decode_plan: list | None = None  # see `model.cpu_decode`
         self.kernels = PointwiseKernels()  # eager; see compile_pointwise
-        # flash-attn 2's kernel for whole-prompt prefill (CUDA, half precision) when installed;
-        # otherwise SDPA, which on CUDA picks its own fused kernels.
-        self.flash_attn = None
-        # How decode attends, chosen once at load (see `set_attention_backend`): "sdpa" gathers
-        # each sequence's blocks into a padded copy; "cpu", "triton" and "flash" read them in place
-        # ("flash" prompt chunks too).
+        # How the model attends, chosen once at load (see `set_attention_backend`). Decode: "sdpa"
+        # gathers each sequence's blocks into a padded copy; "cpu", "triton" and "flash" read them in
+        # place. Prompt chunks: "flash" over the cache too; the others through SDPA (on CUDA in half
+        # precision, its own flash kernel).
         self.attention_backend = "sdpa"
         self.attention_backend_auto = False  # chosen by "auto" (then a kernel failing its warm-up falls back)
 
@@ -516,8 +511,7 @@ class LlamaForCausalLM(nn.Module):
             if start:
                 keys = torch.arange(start + t, device=device).view(1, -1)
                 mask = (keys <= positions.view(t, 1)).view(1, 1, t, start + t)
-            step = Step(start=start, tables=tables, write_at=write_at, mask=mask, causal=start == 0,
-                        flash=self.flash_attn)
+            step = Step(start=start, tables=tables, write_at=write_at, mask=mask, causal=start == 0)
         return self._run(embeds.unsqueeze(0), positions, cache, step, start + t)[0, -1]
 
     @torch.inference_mode()
@@ -615,7 +609,6 @@ class Step:
     # `model.paged_attention_cpu` write and attend (no write_at, no gather); "triton" (decode) and
     # "flash" (decode and prefill) read the blocks where they lie, up to `lengths`.
     backend: str = "sdpa"
-    flash: object = None  # sdpa prefill from position 0: flash_attn_func when enabled
     kernel: object = None  # cpu: the step's paged_attention_cpu.DecodeStep, made by the first layer
     lengths: torch.Tensor | None = None  # triton, flash: keys per row `[B]`, the new ones included
     splits: int = 1  # the Triton kernel's split-K factor

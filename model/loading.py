@@ -47,7 +47,7 @@ class LoadOptions:
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
     quantization: str = "none"  # none | 8bit | 4bit
     allow_download: bool = False
-    attention: str = "auto"  # auto | sdpa | flash_attention_2 (prefill)
+    attention: str = "auto"  # deprecated: flash_attention_2 = attention_backend flash (see `_backend_asked`)
     attention_backend: str = "auto"  # auto | cpu | triton | flash | sdpa (see `decode_backend`)
     model_base: str | Path | None = None  # base model of a LoRA checkpoint (the reference's model_base)
 
@@ -158,23 +158,20 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner.register_buffer(attr, value)
 
 
-def _flash_attention(choice: str, device: torch.device, dtype: torch.dtype):
-    """flash_attn_func when asked for (or `auto`) and usable: CUDA, fp16/bf16, package installed."""
-    if choice not in ("auto", "sdpa", "flash_attention_2"):
-        raise CheckpointError(f"unknown attention {choice!r} (auto, sdpa, flash_attention_2)")
-    usable = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    if choice == "sdpa" or not usable:
-        if choice == "flash_attention_2":
-            raise CheckpointError("flash_attention_2 needs a CUDA device and float16/bfloat16")
-        return None
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        if choice == "flash_attention_2":
-            raise CheckpointError("flash_attention_2 asked for but flash-attn is not installed "
-                                  "(pip install 'slime-serve[gpu]')") from None
-        return None
-    return flash_attn_func
+def _backend_asked(opts: LoadOptions) -> tuple[str, bool]:
+    """`--attention-backend` with the deprecated `--attention` folded in -> (choice, flash allowed):
+    flash_attention_2 asks for the flash backend; sdpa keeps flash-attn out of an `auto` choice."""
+    if opts.attention not in ("auto", "sdpa", "flash_attention_2"):
+        raise CheckpointError(f"unknown attention {opts.attention!r} (auto, sdpa, flash_attention_2)")
+    if opts.attention == "auto":
+        return opts.attention_backend, True
+    log.warning("--attention is deprecated: use --attention-backend (flash_attention_2 is flash)")
+    if opts.attention == "flash_attention_2":
+        if opts.attention_backend not in ("auto", "flash"):
+            raise CheckpointError(f"--attention flash_attention_2 asks for the flash attention backend, "
+                                  f"not --attention-backend {opts.attention_backend}")
+        return "flash", True
+    return opts.attention_backend, False
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -249,12 +246,12 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         model.llm.pack_weights()
     elif opts.quantization == "none":
         model.llm.fuse_projections()
+    choice, flash_allowed = _backend_asked(opts)
     try:
-        model.llm.set_attention_backend(decode_backend(opts.attention_backend, device, dtype, opts.quantization))
-        model.llm.attention_backend_auto = opts.attention_backend == "auto"
+        model.llm.set_attention_backend(decode_backend(choice, device, dtype, opts.quantization, flash_allowed))
+        model.llm.attention_backend_auto = choice == "auto"
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    model.llm.flash_attn = _flash_attention(opts.attention, device, dtype)
     tokenizer = load_tokenizer(_tokenizer_dir(path, main))
     template = detect_template(tokenizer.get_vocab())
     stats = {"load_seconds": time.perf_counter() - t0,
@@ -265,10 +262,11 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
                        opts.quantization)
 
 
-def decode_backend(choice: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> str:
+def decode_backend(choice: str, device: torch.device, dtype: torch.dtype, quantization: str = "none",
+                   flash_allowed: bool = True) -> str:
     """The attention backend: `choice`, or for "auto" the fastest available here: the numba kernel
-    for CPU float32; on CUDA flash-attn's paged path in half precision when installed, else the
-    Triton kernel; else gather + SDPA."""
+    for CPU float32; on CUDA flash-attn's paged path in half precision when installed (and
+    allowed), else the Triton kernel; else gather + SDPA."""
     from . import paged_attention_cpu, paged_attention_flash, paged_attention_triton
 
     half = dtype in (torch.float16, torch.bfloat16)
@@ -278,7 +276,7 @@ def decode_backend(choice: str, device: torch.device, dtype: torch.dtype, quanti
         return choice
     if device.type == "cpu" and dtype == torch.float32 and quantization == "none" and paged_attention_cpu.available():
         return "cpu"
-    if device.type == "cuda" and half and paged_attention_flash.available():
+    if device.type == "cuda" and half and flash_allowed and paged_attention_flash.available():
         return "flash"
     if device.type == "cuda" and paged_attention_triton.available():
         return "triton"

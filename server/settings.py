@@ -28,10 +28,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes weights for the LLM")
     attention: Literal["auto", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="first prompt chunk with the sdpa/triton backends. auto: flash-attn 2 when installed "
-        "on CUDA, else SDPA (the flash backend attends every chunk through its paged path)")
+        "auto", description="deprecated: use --attention-backend (flash_attention_2 is flash; sdpa keeps auto off "
+        "flash)")
     attention_backend: Literal["auto", "cpu", "triton", "flash", "sdpa"] = Field(
-        "auto", description="decode attention, chosen once at load. auto: cpu (numba) for CPU float32; on CUDA "
+        "auto", description="how the model attends, chosen once at load. auto: cpu (numba) for CPU float32; on CUDA "
         "flash (flash-attn's paged path, half precision, 256-position KV blocks: decode and prompt chunks) when "
         "flash-attn is installed, else triton; else sdpa (gathers each sequence's blocks into a padded copy); "
         "triton on the CPU needs TRITON_INTERPRET=1 (slow: for tests)")

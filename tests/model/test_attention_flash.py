@@ -82,6 +82,7 @@ def test_auto_picks_flash_on_cuda_in_half_precision_only(flash, tiny_dir):
     assert decode_backend("auto", cuda, torch.bfloat16) == "flash"
     assert decode_backend("auto", cuda, torch.float16) == "flash"
     assert decode_backend("auto", cuda, torch.float32) != "flash"
+    assert decode_backend("auto", cuda, torch.bfloat16, flash_allowed=False) != "flash"  # --attention sdpa
     assert decode_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
     with pytest.raises(CheckpointError, match="CUDA device and float16/bfloat16"):
         load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="flash"))

@@ -169,11 +169,16 @@ def test_exif_orientation_is_applied(tmp_path):
     assert load_image(tmp_path / "o.jpg").size == (20, 40)
 
 
-def test_attention_choice_is_checked(tiny_dir):
+def test_the_deprecated_attention_option_maps_to_a_backend(tiny_dir, caplog):
     lm = load_model(tiny_dir, LoadOptions(device="cpu", attention="sdpa"))
-    assert lm.model.llm.flash_attn is None
-    with pytest.raises(CheckpointError, match="flash_attention_2 needs a CUDA device"):
+    assert lm.model.llm.attention_backend == "cpu"  # the CPU's auto choice: flash was never in it
+    assert "--attention is deprecated" in caplog.text
+    with pytest.raises(CheckpointError, match="flash attention backend needs a CUDA device"):
         load_model(tiny_dir, LoadOptions(device="cpu", attention="flash_attention_2"))
+    with pytest.raises(CheckpointError, match="not --attention-backend triton"):
+        load_model(tiny_dir, LoadOptions(device="cpu", attention="flash_attention_2", attention_backend="triton"))
+    with pytest.raises(CheckpointError, match="unknown attention"):
+        load_model(tiny_dir, LoadOptions(device="cpu", attention="xformers"))
 
 
 def test_tower_preprocessor_config_sets_normalisation(tmp_path, tiny_dir, ironing):
