@@ -35,7 +35,7 @@ PATHS = ("gather", "kernel", "flat")
 
 
 def _configure(llm, path: str, cpu_decode, real_ready) -> None:
-    llm.inplace_decode_attention = path != "gather"
+    llm.set_attention_backend("sdpa" if path == "gather" else "cpu")
     cpu_decode.ready = real_ready if path == "flat" else (lambda _llm: False)
 
 

@@ -32,6 +32,7 @@ def slime_7b_config():
 
 
 def build(device: torch.device, dtype: torch.dtype):
+    from model import execution
     from model.modeling import SliMEForCausalLM
     from model.local_compressor import sincos_pos_embed_2d
 
@@ -48,7 +49,7 @@ def build(device: torch.device, dtype: torch.dtype):
                 p.data = (torch.randn(p.shape, device=device, dtype=torch.float32) * p.shape[-1] ** -0.5).to(dtype)
             else:
                 p.data = torch.ones(p.shape, device=device, dtype=dtype)
-    model.llm.fuse_projections()  # as the loader does for unquantized models
+    model.llm.configure(execution.choose("sdpa", device, dtype))  # as the loader does (fused projections)
     return model.eval(), cfg
 
 

@@ -25,7 +25,7 @@ _linear = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops, "mkldnn") els
 
 def ready(llm) -> bool:
     """True when `llm` (a LlamaForCausalLM) is in the form this step computes."""
-    return (llm.inplace_decode_attention and llm.packed and not llm.kernels.compiled
+    return (llm.attention_backend == "cpu" and llm.packed and not llm.kernels.compiled
             and all(layer.self_attn.fused and layer.mlp.fused for layer in llm.model.layers))
 
 

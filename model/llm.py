@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SliMEConfig
+from .execution import ATTENTION_BACKENDS, Execution
 from . import cpu_decode, paged_attention_cpu, paged_attention_flash, paged_attention_triton
 from .kv_cache import KVCache
 from .pointwise import PointwiseKernels, Rotary, rms_norm, silu_mul
@@ -336,41 +337,49 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Batched decode computes each row exactly as a solo decode would (see `linear`). Costs
-        # little on the CPU, where float32 results are expected to be batch-invariant; off on GPUs.
-        self.batch_invariant = False
-        # CPU float32: decode attention reads the paged cache in place (`model.paged_attention_cpu`)
-        self.inplace_decode_attention = False
+        # How it runs (attention backend, batch invariance, fused/packed weights, graphs), decided
+        # once at load: see `model.execution` and `configure`. Unconfigured: sdpa, nothing else.
+        self.execution = Execution()
         self.packed = False  # every projection and the LM head through oneDNN (see `pack_weights`)
         self._cpu_decode_plan: list | None = None  # see `model.cpu_decode`
         self.kernels = PointwiseKernels()  # eager; see compile_pointwise
-        # How the model attends, chosen once at load (see `set_attention_backend`). Decode: "sdpa"
-        # gathers each sequence's blocks into a padded copy; "cpu", "triton" and "flash" read them in
-        # place. Prompt chunks: "flash" over the cache too; the others through SDPA (on CUDA in half
-        # precision, its own flash kernel).
-        self.attention_backend = "sdpa"
-        self.attention_backend_auto = False  # chosen by "auto" (then a kernel failing its warm-up falls back)
 
-    ATTENTION_BACKENDS = ("cpu", "triton", "flash", "sdpa")
+    @property
+    def attention_backend(self) -> str:
+        return self.execution.attention
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Batched decode computes each row exactly as a solo decode would (see `linear`). Costs
+        little on the CPU, where float32 results are expected to be batch-invariant; off on GPUs."""
+        return self.execution.batch_invariant
+
+    def configure(self, execution: Execution) -> None:
+        """Apply the load-time decision (`model.execution.choose`): fused, then packed weights, then
+        the attention backend (checked: ValueError where it cannot run here)."""
+        if execution.fuse:
+            self.fuse_projections()
+        if execution.pack:
+            self.pack_weights()
+        self.execution = execution.with_attention("sdpa")
+        self.set_attention_backend(execution.attention)
 
     def set_attention_backend(self, backend: str) -> None:
-        """"cpu": the numba kernel (CPU float32, see `enable_inplace_decode_attention`); "triton":
-        `model.paged_attention_triton` (CUDA, or the CPU under TRITON_INTERPRET=1); "flash":
-        flash-attn's paged path (`model.paged_attention_flash`: CUDA, half precision, a cache of
-        256-position blocks); "sdpa": gather and SDPA (anything)."""
-        if backend not in self.ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r} ({', '.join(self.ATTENTION_BACKENDS)})")
-        if backend == "cpu" and not self.enable_inplace_decode_attention():
+        """Attend through `backend` (see `model.execution`) from now on: at load, or falling back to
+        sdpa when a kernel fails its warm-up. ValueError where it cannot run here."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r} ({', '.join(ATTENTION_BACKENDS)})")
+        w = self.lm_head.weight
+        if backend == "cpu" and not (paged_attention_cpu.available() and w.device.type == "cpu"
+                                     and w.dtype == torch.float32):
             raise ValueError("the cpu attention backend needs the model in float32 on the CPU, and numba")
         if backend == "triton" and not paged_attention_triton.available():
             raise ValueError("the triton attention backend needs triton (pip install triton)")
         if backend == "flash" and not paged_attention_flash.available():
             raise ValueError("the flash attention backend needs flash-attn (pip install 'slime-serve[gpu]')")
-        if backend != "cpu":
-            self.inplace_decode_attention = False
-        if backend in ("triton", "flash"):  # their splits follow the batch's shape: rows are not batch-invariant
-            self.batch_invariant = False
-        self.attention_backend = backend
+        if backend == "cpu":
+            paged_attention_cpu.warm_up()
+        self.execution = self.execution.with_attention(backend)
 
     # -- RoPE tables -----------------------------------------------------------------------------
     def rope_tables(self, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,23 +410,6 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-
-    def enable_batch_invariant(self) -> None:
-        """Batch-invariant decode (CPU float32): padded GEMMs, bucketed attention, fused projections."""
-        self.batch_invariant = True
-        self.fuse_projections()
-
-    def enable_inplace_decode_attention(self) -> bool:
-        """CPU float32: decode RoPE, cache write and attention as one compiled loop over each row's
-        blocks instead of a gather and two matmuls (faster: BENCHMARKS.md; batch-invariant by
-        construction). False (nothing changed) where the cache would not be CPU float32 or numba is
-        missing."""
-        w = self.lm_head.weight
-        if not paged_attention_cpu.available() or w.device.type != "cpu" or w.dtype != torch.float32:
-            return False
-        paged_attention_cpu.warm_up()
-        self.inplace_decode_attention = True
-        return True
 
     def pack_weights(self) -> bool:
         """CPU float32: every LLM projection and the LM head through oneDNN with packed weights
@@ -451,8 +443,7 @@ class LlamaForCausalLM(nn.Module):
         or `num_slots` fixed tables of `max_len` positions (see `KVCache.for_slots`). The flash
         backend takes blocks of a multiple of 256 positions: `block_size` is rounded up to one."""
         cfg, w = self.cfg, self.lm_head.weight
-        if self.attention_backend == "flash":
-            block_size = paged_attention_flash.block_size(block_size)
+        block_size = self.execution.block_size(block_size)
         kw = dict(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_head,
                   dtype=dtype or w.dtype, device=device or w.device, block_size=block_size)
         if num_blocks is not None:
@@ -529,7 +520,7 @@ class LlamaForCausalLM(nn.Module):
         lengths = [p + 1 for p in positions]
         bs = cache.block_size
         pos = torch.tensor(positions, device=device)
-        if self.inplace_decode_attention and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32:
+        if self.attention_backend == "cpu" and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32:
             span = -(-max(lengths) // bs) * bs
             if cpu_decode.ready(self):  # the serving form: the same ops, without module dispatch
                 return cpu_decode.decode_step(self, embeds, pos, cache.tables(tables, span), cache, span)

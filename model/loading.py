@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, TensorSource, weight_files
+from . import execution
 from .config import SliMEConfig, VisionConfig
 from .fit import check_fits_on_device
 from .lora import LoraSource, llm_linear_shapes, open_weights
@@ -48,7 +49,7 @@ class LoadOptions:
     quantization: str = "none"  # none | 8bit | 4bit
     allow_download: bool = False
     attention: str = "auto"  # deprecated: flash_attention_2 = attention_backend flash (see `_backend_asked`)
-    attention_backend: str = "auto"  # auto | cpu | triton | flash | sdpa (see `decode_backend`)
+    attention_backend: str = "auto"  # auto | cpu | triton | flash | sdpa (see `model.execution`)
     model_base: str | Path | None = None  # base model of a LoRA checkpoint (the reference's model_base)
 
 
@@ -241,15 +242,9 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         for s in sources.values():
             s.close()
     model.eval()
-    if device.type == "cpu" and dtype == torch.float32 and opts.quantization == "none":
-        model.llm.enable_batch_invariant()
-        model.llm.pack_weights()
-    elif opts.quantization == "none":
-        model.llm.fuse_projections()
     choice, flash_allowed = _backend_asked(opts)
     try:
-        model.llm.set_attention_backend(decode_backend(choice, device, dtype, opts.quantization, flash_allowed))
-        model.llm.attention_backend_auto = choice == "auto"
+        model.llm.configure(execution.choose(choice, device, dtype, opts.quantization, flash_allowed))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     tokenizer = load_tokenizer(_tokenizer_dir(path, main))
@@ -260,27 +255,6 @@ def load_model(path: str | Path, options: LoadOptions | None = None) -> LoadedMo
         stats["lora_merged_weights"] = len(main.pairs)
     return LoadedModel(model, tokenizer, cfg, template, path, device, dtype, stats, read_image_norm(norm_dirs),
                        opts.quantization)
-
-
-def decode_backend(choice: str, device: torch.device, dtype: torch.dtype, quantization: str = "none",
-                   flash_allowed: bool = True) -> str:
-    """The attention backend: `choice`, or for "auto" the fastest available here: the numba kernel
-    for CPU float32; on CUDA flash-attn's paged path in half precision when installed (and
-    allowed), else the Triton kernel; else gather + SDPA."""
-    from . import paged_attention_cpu, paged_attention_flash, paged_attention_triton
-
-    half = dtype in (torch.float16, torch.bfloat16)
-    if choice == "flash" and not (device.type == "cuda" and half):
-        raise ValueError("the flash attention backend needs a CUDA device and float16/bfloat16")
-    if choice != "auto":
-        return choice
-    if device.type == "cpu" and dtype == torch.float32 and quantization == "none" and paged_attention_cpu.available():
-        return "cpu"
-    if device.type == "cuda" and half and flash_allowed and paged_attention_flash.available():
-        return "flash"
-    if device.type == "cuda" and paged_attention_triton.available():
-        return "triton"
-    return "sdpa"
 
 
 def _tokenizer_dir(path: Path, main: TensorSource | LoraSource) -> Path:

@@ -101,23 +101,20 @@ class ModelRunner:
         # the sdpa backend gathers each sequence's K and V of one layer at a time ([Hkv, B, span,
         # hd] x 2; the others read the blocks in place); image features waiting for their
         # requests to start live beside the pool too
-        gather = self.llm.attention_backend == "sdpa"
-        if self.llm.attention_backend == "flash":  # flash-attn's paged path takes 256-position blocks
-            from model import paged_attention_flash
-
-            if block_size != paged_attention_flash.block_size(block_size):
-                block_size = paged_attention_flash.block_size(block_size)
-                log.info("the flash attention backend takes blocks of a multiple of 256 positions: "
-                         "KV-cache blocks of %d", block_size)
-        scratch = (max_batch_size * max_model_len * per_token // cfg.num_hidden_layers if gather else 0) \
+        execution = self.llm.execution
+        if execution.block_size(block_size) != block_size:  # flash-attn's paged path: multiples of 256
+            block_size = execution.block_size(block_size)
+            log.info("the %s attention backend takes KV-cache blocks of %d positions", execution.attention, block_size)
+        scratch = (max_batch_size * max_model_len * per_token // cfg.num_hidden_layers if execution.gathers else 0) \
             + vision_queue_bytes
         num_blocks = kv_cache_blocks(kv_cache_bytes, block_size=block_size, bytes_per_token=per_token,
                                      max_model_len=max_model_len, device=lm.device, decode_scratch=scratch)
         self.cache = self.llm.new_cache(num_blocks=num_blocks, block_size=block_size, dtype=lm.dtype, device=lm.device)
         log.info("KV cache: %d blocks of %d positions (%.0f MiB, %d positions)", num_blocks - 1, block_size,
                  self.cache.nbytes / 2**20, self.cache.max_len)
-        # CUDA graphs for decode (not for bitsandbytes layers, whose kernels are not known to be capturable)
-        graphs = cuda_graphs and lm.device.type == "cuda" and lm.quantization == "none"
+        # CUDA graphs for decode where the execution allows them (not bitsandbytes layers, whose
+        # kernels are not known to be capturable)
+        graphs = cuda_graphs and execution.cuda_graphs
         self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=max_batch_size, max_len=max_model_len) if graphs else None
         self.capture_all_graphs = capture_all_graphs
         if compile_pointwise and lm.device.type == "cuda":
@@ -146,7 +143,7 @@ class ModelRunner:
             try:
                 self._warm_up_paged()
             except Exception:
-                if not self.llm.attention_backend_auto:  # asked for by name: the operator should know
+                if not self.llm.execution.auto:  # asked for by name: the operator should know
                     raise
                 log.exception("the %s attention kernel failed its warm-up: attending through gather + SDPA "
                               "(the KV cache was sized without room for the gather: lower --kv-cache-mb if "

@@ -4,11 +4,13 @@ checkpoint to the same greedy tokens (Triton through its interpreter on the CPU)
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
-from model.loading import LoadOptions, decode_backend, load_model
+from model.execution import Execution, choose
+from model.loading import LoadOptions, load_model
 from tests.tools import missing_tool
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's kernels on CPU tensors
@@ -16,13 +18,19 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's kernels on CPU tensor
 
 def test_auto_picks_the_fastest_backend_available():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decode_backend("auto", cpu, torch.float32) == "cpu"
-    assert decode_backend("auto", cpu, torch.bfloat16) == "sdpa"
-    assert decode_backend("auto", cpu, torch.float32, "8bit") == "sdpa"
+    assert choose("auto", cpu, torch.float32) == Execution("cpu", auto=True, batch_invariant=True, pack=True, fuse=True)
+    assert choose("auto", cpu, torch.bfloat16) == Execution("sdpa", auto=True, fuse=True)
+    assert choose("auto", cpu, torch.float32, "8bit") == Execution("sdpa", auto=True)
     from model import paged_attention_triton
 
-    assert decode_backend("auto", cuda, torch.bfloat16) == ("triton" if paged_attention_triton.available() else "sdpa")
-    assert decode_backend("sdpa", cuda, torch.bfloat16) == "sdpa"
+    assert choose("auto", cuda, torch.bfloat16) == Execution("triton" if paged_attention_triton.available() else "sdpa",
+                                                             auto=True, fuse=True, cuda_graphs=True)
+    assert choose("sdpa", cuda, torch.bfloat16) == Execution("sdpa", fuse=True, cuda_graphs=True)
+    assert choose("sdpa", cuda, torch.bfloat16, "4bit") == Execution("sdpa")  # no graphs over bitsandbytes
+    # the Triton kernel's rows follow the batch's shape: batch invariance goes with it
+    assert not choose("triton", cpu, torch.float32).batch_invariant
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        choose("xformers", cpu, torch.float32)
 
 
 def test_the_cpu_backend_refuses_what_it_cannot_run(tiny_dir):
@@ -57,7 +65,7 @@ def test_every_backend_decodes_the_same_greedy_tokens(tiny_dir):
     for backend in ("cpu", "triton", "sdpa"):
         lm = load_model(tiny_dir, LoadOptions(device="cpu", attention_backend=backend))
         assert lm.model.llm.attention_backend == backend
-        assert lm.model.llm.inplace_decode_attention == (backend == "cpu")
+        assert lm.model.llm.batch_invariant == (backend != "triton")
         got[backend] = _greedy(lm, prompts)
     assert got["triton"] == got["cpu"] == got["sdpa"]
 
@@ -104,7 +112,7 @@ def test_a_triton_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_a
     lm.model.llm.set_attention_backend("sdpa")
     monkeypatch.setattr(paged_attention_triton, "available", lambda: True)
     lm.model.llm.set_attention_backend("triton")
-    lm.model.llm.attention_backend_auto = True
+    lm.model.llm.execution = replace(lm.model.llm.execution, auto=True)
 
     def broken(*a, **k):
         raise RuntimeError("simulated: the kernel does not compile for this device")
@@ -114,6 +122,6 @@ def test_a_triton_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_a
     runner.warm_up()
     assert lm.model.llm.attention_backend == "sdpa"
     lm.model.llm.set_attention_backend("triton")
-    lm.model.llm.attention_backend_auto = False  # asked for by name: the failure is the operator's to see
+    lm.model.llm.execution = replace(lm.model.llm.execution, auto=False)  # asked for by name: the operator's to see
     with pytest.raises(RuntimeError, match="simulated"):
         ModelRunner(lm, max_batch_size=2, max_model_len=128).warm_up()

@@ -7,13 +7,15 @@ the cache included."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import paged_attention_flash
-from model.loading import LoadOptions, decode_backend, load_model
+from model.execution import choose
+from model.loading import LoadOptions, load_model
 from model.sampling import SamplingParams
 from tests.model import flash_attn_contract
 
@@ -70,7 +72,7 @@ def test_without_flash_attn_the_backend_is_refused(tiny_lm, monkeypatch):
         assert not paged_attention_flash.available()
         with pytest.raises(ValueError, match="flash-attn"):
             tiny_lm.model.llm.set_attention_backend("flash")
-        assert decode_backend("auto", torch.device("cuda"), torch.bfloat16) != "flash"
+        assert choose("auto", torch.device("cuda"), torch.bfloat16).attention != "flash"
     finally:
         paged_attention_flash._kernel.cache_clear()
 
@@ -79,11 +81,11 @@ def test_auto_picks_flash_on_cuda_in_half_precision_only(flash, tiny_dir):
     from model.checkpoint import CheckpointError
 
     cuda = torch.device("cuda")
-    assert decode_backend("auto", cuda, torch.bfloat16) == "flash"
-    assert decode_backend("auto", cuda, torch.float16) == "flash"
-    assert decode_backend("auto", cuda, torch.float32) != "flash"
-    assert decode_backend("auto", cuda, torch.bfloat16, flash_allowed=False) != "flash"  # --attention sdpa
-    assert decode_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert choose("auto", cuda, torch.bfloat16).attention == "flash"
+    assert choose("auto", cuda, torch.float16).attention == "flash"
+    assert choose("auto", cuda, torch.float32).attention != "flash"
+    assert choose("auto", cuda, torch.bfloat16, flash_allowed=False).attention != "flash"  # --attention sdpa
+    assert choose("auto", torch.device("cpu"), torch.float32).attention == "cpu"
     with pytest.raises(CheckpointError, match="CUDA device and float16/bfloat16"):
         load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="flash"))
 
@@ -161,7 +163,7 @@ def test_a_flash_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_au
     from server.engine.runner import ModelRunner
 
     lm = _flash_lm(tiny_dir)
-    lm.model.llm.attention_backend_auto = True
+    lm.model.llm.execution = replace(lm.model.llm.execution, auto=True)
 
     def broken(*a, **k):
         raise RuntimeError("simulated: no kernel image for this device")
@@ -172,6 +174,6 @@ def test_a_flash_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_au
     runner.warm_up()
     assert lm.model.llm.attention_backend == "sdpa"
     lm.model.llm.set_attention_backend("flash")
-    lm.model.llm.attention_backend_auto = False
+    lm.model.llm.execution = replace(lm.model.llm.execution, auto=False)
     with pytest.raises(RuntimeError, match="simulated"):
         ModelRunner(lm, max_batch_size=2, max_model_len=128).warm_up()

@@ -22,7 +22,7 @@ def test_bfloat16_on_the_cpu_stays_close_to_float32(tiny_dir, tiny_lm):
     bf16 = load_model(tiny_dir, LoadOptions(device="cpu", dtype="bfloat16"))
     llm = bf16.model.llm
     assert llm.lm_head.weight.dtype == torch.bfloat16
-    assert not llm.inplace_decode_attention and not llm.batch_invariant  # float32-only paths stay off
+    assert llm.attention_backend == "sdpa" and not llm.batch_invariant  # float32-only paths stay off
     torch.manual_seed(0)
     embeds = torch.randn(3, 90, tiny_lm.cfg.hidden_size)
     lengths = [30, 57, 12]

@@ -27,8 +27,8 @@ def test_the_flat_step_equals_the_module_path_bit_for_bit(tiny_lm, monkeypatch):
 
 def test_other_forms_take_the_module_path(tiny_lm, monkeypatch):
     llm = tiny_lm.model.llm
-    monkeypatch.setattr(llm, "inplace_decode_attention", False)
+    monkeypatch.setattr(llm, "execution", llm.execution.with_attention("sdpa"))
     assert not cpu_decode.ready(llm)
-    monkeypatch.setattr(llm, "inplace_decode_attention", True)
+    monkeypatch.setattr(llm, "execution", llm.execution.with_attention("cpu"))
     monkeypatch.setattr(llm.model.layers[1].mlp, "fused", False)
     assert not cpu_decode.ready(llm)

@@ -117,13 +117,13 @@ def _decode_after_prefill(llm, embeds, lengths, max_len):
 
 def test_the_model_decodes_alike_with_and_without_the_kernel(tiny_lm, monkeypatch):
     llm = tiny_lm.model.llm
-    assert llm.inplace_decode_attention  # on by default on the CPU in float32
+    assert llm.attention_backend == "cpu"  # the default on the CPU in float32
     torch.manual_seed(0)
     embeds = torch.randn(3, 90, tiny_lm.cfg.hidden_size)
     lengths = [20, 70, 45]
     outs, caches = [], []
     for inplace in (True, False):
-        monkeypatch.setattr(llm, "inplace_decode_attention", inplace)
+        monkeypatch.setattr(llm, "execution", llm.execution.with_attention("cpu" if inplace else "sdpa"))
         logits, cache = _decode_after_prefill(llm, embeds, lengths, max_len=96)
         outs.append(logits)
         caches.append(cache)
@@ -139,7 +139,7 @@ def test_without_numba_the_model_keeps_the_gather_path(tiny_dir, tiny_lm, monkey
     monkeypatch.setattr(paged_attention_cpu, "numba", None)  # a broken install: the model still serves
     lm = load_model(tiny_dir, LoadOptions(device="cpu"))
     llm = lm.model.llm
-    assert not paged_attention_cpu.available() and not llm.inplace_decode_attention and not cpu_decode.ready(llm)
+    assert not paged_attention_cpu.available() and llm.attention_backend == "sdpa" and not cpu_decode.ready(llm)
     torch.manual_seed(0)
     embeds = torch.randn(2, 40, tiny_lm.cfg.hidden_size)
     outs = [_decode_after_prefill(m, embeds, [30, 17], max_len=48)[0] for m in (tiny_lm.model.llm, llm)]

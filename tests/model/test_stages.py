@@ -1,6 +1,7 @@
 """Model stages against straightforward re-computations and against transformers' own modules."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -168,8 +169,9 @@ def test_clip_tower_matches_transformers(tiny_dir, tiny_lm):
 @pytest.mark.parametrize("invariant,inplace", [(True, True), (True, False), (False, False)],
                          ids=["cpu-inplace-kernel", "cpu-gather", "gpu-style-masked"])
 def test_llm_matches_transformers_llama(tiny_dir, tiny_lm, invariant, inplace, monkeypatch):
-    monkeypatch.setattr(tiny_lm.model.llm, "batch_invariant", invariant)
-    monkeypatch.setattr(tiny_lm.model.llm, "inplace_decode_attention", inplace)
+    llm = tiny_lm.model.llm
+    monkeypatch.setattr(llm, "execution", replace(llm.execution, batch_invariant=invariant,
+                                                  attention="cpu" if inplace else "sdpa"))
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
