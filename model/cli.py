@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "triton", "flash", "sdpa"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash_attention_2"],
+                    help="deprecated: use --attention-backend (flash_attention_2 is flash)")
     ap.add_argument("--allow-download", action="store_true", help="fetch a hub vision tower if needed")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lm = load_model(args.model, LoadOptions(device=args.device, dtype=args.dtype, model_base=args.model_base,
                                                 quantization=args.quantization, allow_download=args.allow_download,
-                                                attention_backend=args.attention_backend))
+                                                attention=args.attention, attention_backend=args.attention_backend))
         images = [load_image(p) for p in args.image]
     except (CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -64,7 +64,8 @@ def choose(choice: str, device: torch.device, dtype: torch.dtype, quantization: 
 
 def _attention(choice: str, device: torch.device, dtype: torch.dtype, cpu32: bool, flash_allowed: bool) -> str:
     """`choice`, or for "auto": the numba kernel for CPU float32; on CUDA flash-attn's paged path
-    in half precision when installed (and allowed), else the Triton kernel; else gather + SDPA."""
+    in half precision where it is installed and runs (and is allowed), else the Triton kernel;
+    else gather + SDPA."""
     from . import paged_attention_cpu, paged_attention_flash, paged_attention_triton
 
     if choice not in ("auto", *ATTENTION_BACKENDS):
@@ -76,7 +77,7 @@ def _attention(choice: str, device: torch.device, dtype: torch.dtype, cpu32: boo
         return choice
     if cpu32 and paged_attention_cpu.available():
         return "cpu"
-    if device.type == "cuda" and half and flash_allowed and paged_attention_flash.available():
+    if device.type == "cuda" and half and flash_allowed and paged_attention_flash.runs_on(device):
         return "flash"
     if device.type == "cuda" and paged_attention_triton.available():
         return "triton"

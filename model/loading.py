@@ -172,6 +172,8 @@ def _backend_asked(opts: LoadOptions) -> tuple[str, bool]:
             raise CheckpointError(f"--attention flash_attention_2 asks for the flash attention backend, "
                                   f"not --attention-backend {opts.attention_backend}")
         return "flash", True
+    if opts.attention_backend == "flash":
+        raise CheckpointError("--attention sdpa keeps flash-attn out: it contradicts --attention-backend flash")
     return opts.attention_backend, False
 
 

@@ -39,6 +39,12 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def runs_on(device: torch.device) -> bool:
+    """flash-attn 2 is installed and its kernels run on this device (CUDA, Ampere or later: it
+    refuses older GPUs such as the T4 and V100)."""
+    return available() and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def block_size(requested: int) -> int:
     """The smallest block size this backend takes at or above `requested`."""
     return max(BLOCK_SIZE, -(-requested // BLOCK_SIZE) * BLOCK_SIZE)

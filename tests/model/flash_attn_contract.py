@@ -13,6 +13,7 @@ import types
 import torch
 
 calls: list[dict] = []  # shapes of each call, for tests that check which path ran
+half_only = True  # flash-attn runs fp16/bf16 only; the tiny-checkpoint tests lift this to compare float32 tokens
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -26,16 +27,30 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     for t in (q, k_cache, v_cache):
         if t.stride(-1) != 1:
             raise RuntimeError("Input tensor must have contiguous last dimension")
+    if half_only and q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise RuntimeError("query and key must have the same dtype")
+    if len({t.device for t in (q, k_cache, v_cache, block_table, cache_seqlens)}) != 1:
+        raise RuntimeError("all tensors must be on the same device")
     if block_table is None or block_table.dtype != torch.int32:
         raise RuntimeError("block_table must have dtype torch.int32")
+    if block_table.stride(-1) != 1:
+        raise RuntimeError("block_table must have contiguous last dimension")
     if cache_seqlens is None or cache_seqlens.dtype != torch.int32:
         raise RuntimeError("cache_seqlens must have dtype int32")
     b, tq, h, hd = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+    num_blocks, block_size, hkv, _ = k_cache.shape
     if block_size % 256:
         raise RuntimeError("Paged KV cache block size must be divisible by 256")
-    if block_table.shape[0] != b or h % hkv:
+    if block_table.dim() != 2 or block_table.shape[0] != b or h % hkv or v_cache.shape != k_cache.shape:
         raise RuntimeError("block_table must have shape [batch_size, max_num_blocks_per_seq]")
+    if cache_seqlens.shape != (b,) or int(cache_seqlens.max()) > block_table.shape[1] * block_size \
+            or int(block_table.max()) >= num_blocks or int(block_table.min()) < 0:
+        # past these bounds the real kernel reads memory it does not own, silently
+        raise RuntimeError("cache_seqlens / block_table out of bounds")
+    if int(cache_seqlens.min()) < tq:  # ours: each query sees its own key at least
+        raise RuntimeError("a row has fewer keys than queries")
     scale = softmax_scale if softmax_scale is not None else hd ** -0.5
     calls.append({"batch": b, "queries": tq, "blocks": block_table.shape[1]})
     out = torch.empty_like(q)
@@ -53,11 +68,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return out
 
 
-def install(monkeypatch) -> None:
-    """This module as `flash_attn` for one test (pair with `reset` after it)."""
+def install(monkeypatch, half_only: bool = True) -> None:
+    """This module as `flash_attn` for one test (pair with `reset` after it); `half_only=False`
+    lets float32 through, for the tiny checkpoint's exact tokens on the CPU."""
     module = types.ModuleType("flash_attn")
     module.flash_attn_with_kvcache = flash_attn_with_kvcache
     monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setattr(sys.modules[__name__], "half_only", half_only)
     reset()
 
 

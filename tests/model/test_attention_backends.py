@@ -21,10 +21,11 @@ def test_auto_picks_the_fastest_backend_available():
     assert choose("auto", cpu, torch.float32) == Execution("cpu", auto=True, batch_invariant=True, pack=True, fuse=True)
     assert choose("auto", cpu, torch.bfloat16) == Execution("sdpa", auto=True, fuse=True)
     assert choose("auto", cpu, torch.float32, "8bit") == Execution("sdpa", auto=True)
-    from model import paged_attention_triton
+    from model import paged_attention_flash, paged_attention_triton
 
-    assert choose("auto", cuda, torch.bfloat16) == Execution("triton" if paged_attention_triton.available() else "sdpa",
-                                                             auto=True, fuse=True, cuda_graphs=True)
+    if not paged_attention_flash.available():  # (with flash-attn: tests/model/test_attention_flash.py)
+        assert choose("auto", cuda, torch.bfloat16) == Execution(
+            "triton" if paged_attention_triton.available() else "sdpa", auto=True, fuse=True, cuda_graphs=True)
     assert choose("sdpa", cuda, torch.bfloat16) == Execution("sdpa", fuse=True, cuda_graphs=True)
     assert choose("sdpa", cuda, torch.bfloat16, "4bit") == Execution("sdpa")  # no graphs over bitsandbytes
     # the Triton kernel's rows follow the batch's shape: batch invariance goes with it

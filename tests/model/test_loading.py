@@ -177,6 +177,8 @@ def test_the_deprecated_attention_option_maps_to_a_backend(tiny_dir, caplog):
         load_model(tiny_dir, LoadOptions(device="cpu", attention="flash_attention_2"))
     with pytest.raises(CheckpointError, match="not --attention-backend triton"):
         load_model(tiny_dir, LoadOptions(device="cpu", attention="flash_attention_2", attention_backend="triton"))
+    with pytest.raises(CheckpointError, match="contradicts --attention-backend flash"):
+        load_model(tiny_dir, LoadOptions(device="cpu", attention="sdpa", attention_backend="flash"))
     with pytest.raises(CheckpointError, match="unknown attention"):
         load_model(tiny_dir, LoadOptions(device="cpu", attention="xformers"))
 
