@@ -139,19 +139,7 @@ class ModelRunner:
         The structured-output compiler (its view of the vocabulary) is built and used for one
         mask here too."""
         self.grammars.warm_up()
-        if self.llm.attention_backend in ("triton", "flash"):
-            try:
-                self._warm_up_paged()
-            except Exception:
-                if not self.llm.execution.auto:  # asked for by name: the operator should know
-                    raise
-                log.exception("the %s attention kernel failed its warm-up: attending through gather + SDPA "
-                              "(the KV cache was sized without room for the gather: lower --kv-cache-mb if "
-                              "decode runs out of memory)", self.llm.attention_backend)
-                self.llm.set_attention_backend("sdpa")
-                if self.graphs is not None:
-                    self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=self.max_batch_size,
-                                               max_len=self.max_model_len)
+        self._warm_up_attention()
         try:
             self._warm_up()
         except Exception:
@@ -160,6 +148,27 @@ class ModelRunner:
             log.exception("compiling the pointwise kernels failed: running them eagerly")
             self.llm.compile_pointwise(False)
             self._warm_up()
+
+    def _warm_up_attention(self) -> None:
+        """A paged kernel that fails its warm-up where `auto` chose it gives way to the next one
+        (flash -> triton -> sdpa); asked for by name, its failure is the operator's to see."""
+        from model import paged_attention_triton
+
+        while (failed := self.llm.attention_backend) in ("triton", "flash"):
+            try:
+                self._warm_up_paged()
+                return
+            except Exception:
+                if not self.llm.execution.auto:
+                    raise
+                fallback = "triton" if failed == "flash" and paged_attention_triton.available() else "sdpa"
+                log.exception("the %s attention kernel failed its warm-up: attending through %s%s", failed, fallback,
+                              "" if fallback == "triton" else " (the KV cache was sized without room for the "
+                              "gather: lower --kv-cache-mb if decode runs out of memory)")
+                self.llm.set_attention_backend(fallback)
+                if self.graphs is not None:
+                    self.graphs = DecodeGraphs(self.llm, self.cache, max_batch=self.max_batch_size,
+                                               max_len=self.max_model_len)
 
     @torch.inference_mode()
     def _warm_up_paged(self) -> None:

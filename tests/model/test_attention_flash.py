@@ -7,6 +7,7 @@ the cache included."""
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,8 @@ from model.execution import choose
 from model.loading import LoadOptions, load_model
 from model.sampling import SamplingParams
 from tests.model import flash_attn_contract
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fallback test runs its kernels on the CPU
 
 
 @pytest.fixture
@@ -189,9 +192,16 @@ def test_the_flash_backend_serves_through_the_engine(flash_f32, tiny_dir):
     assert got == want
 
 
-def test_a_flash_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_auto(flash_f32, tiny_dir, monkeypatch):
+@pytest.mark.parametrize("triton_works", [True, False], ids=["to-triton", "to-sdpa"])
+def test_a_flash_kernel_failing_its_warm_up_falls_back_when_chosen_by_auto(flash_f32, tiny_dir, monkeypatch,
+                                                                           triton_works):
+    """flash -> triton -> sdpa: the next backend whose kernel passes its warm-up."""
+    from model import paged_attention_triton
     from server.engine.runner import ModelRunner
+    from tests.tools import missing_tool
 
+    if not paged_attention_triton.available():
+        missing_tool("triton is not installed (pip install triton)")
     lm = _flash_lm(tiny_dir)
     lm.model.llm.execution = replace(lm.model.llm.execution, auto=True)
 
@@ -200,9 +210,11 @@ def test_a_flash_kernel_failing_its_warm_up_falls_back_to_sdpa_when_chosen_by_au
 
     monkeypatch.setattr(flash_attn_contract, "flash_attn_with_kvcache", broken)
     flash_attn_contract.install(monkeypatch, half_only=False)
+    if not triton_works:
+        monkeypatch.setattr(paged_attention_triton, "paged_decode", broken)
     runner = ModelRunner(lm, max_batch_size=2, max_model_len=128)
     runner.warm_up()
-    assert lm.model.llm.attention_backend == "sdpa"
+    assert lm.model.llm.attention_backend == ("triton" if triton_works else "sdpa")
     lm.model.llm.set_attention_backend("flash")
     lm.model.llm.execution = replace(lm.model.llm.execution, auto=False)
     with pytest.raises(RuntimeError, match="simulated"):
