@@ -26,7 +26,7 @@ ROW_INVARIANT = ("cpu", "sdpa")
 @dataclass(frozen=True)
 class Execution:
     attention: str = "sdpa"  # one of ATTENTION_BACKENDS
-    auto: bool = False  # chosen by "auto": a kernel failing its warm-up falls back to sdpa
+    auto: bool = False  # chosen by "auto": a kernel failing its warm-up gives way (flash -> triton -> sdpa)
     batch_invariant: bool = False  # CPU float32: a row's results never depend on the rest of the batch
     pack: bool = False  # CPU float32: every projection through oneDNN-packed weights
     fuse: bool = False  # q/k/v and gate/up as one GEMM each (unquantized weights)

@@ -365,8 +365,8 @@ class LlamaForCausalLM(nn.Module):
         self.set_attention_backend(execution.attention)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Attend through `backend` (see `model.execution`) from now on: at load, or falling back to
-        sdpa when a kernel fails its warm-up. ValueError where it cannot run here."""
+        """Attend through `backend` (see `model.execution`) from now on: at load, or in place of a
+        kernel that failed its warm-up. ValueError where it cannot run here."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r} ({', '.join(ATTENTION_BACKENDS)})")
         w = self.lm_head.weight
