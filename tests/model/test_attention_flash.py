@@ -161,6 +161,27 @@ def test_the_flash_backend_decodes_the_tiny_checkpoint_as_the_cpu_backend(flash_
     assert any(c["queries"] == 1 and c["batch"] == 4 for c in flash_f32)  # batched decode
 
 
+def test_the_flash_backend_runs_the_tiny_checkpoint_in_bfloat16(flash, tiny_dir):
+    """In half precision, as flash-attn takes it (the stand-in refusing float32): a prompt over two
+    chunks and three decode steps give sdpa's logits within bf16's rounding."""
+    lm = load_model(tiny_dir, LoadOptions(device="cpu", dtype="bfloat16", attention_backend="sdpa"))
+    llm = lm.model.llm
+    ids = torch.tensor([1] + [(5 * j) % 200 + 5 for j in range(299)] + [7, 9, 11])
+    logits = {}
+    for backend in ("flash", "sdpa"):
+        llm.set_attention_backend(backend)
+        cache = llm.new_cache(num_slots=1, max_len=512)
+        emb = llm.embed(ids)
+        llm.prefill(emb[:256], cache, slot=0, start=0)
+        rows = [llm.logits(llm.prefill(emb[256:300], cache, slot=0, start=256))]
+        for pos in range(300, len(ids)):
+            rows.append(llm.logits(llm.decode(emb[pos:pos + 1], [pos], cache))[0])
+        logits[backend] = torch.stack(rows)
+    assert len(flash) == 2 * llm.cfg.num_hidden_layers + 3 * llm.cfg.num_hidden_layers  # every attention was flash's
+    assert torch.allclose(logits["flash"], logits["sdpa"], atol=0.1, rtol=0.05), \
+        (logits["flash"] - logits["sdpa"]).abs().max()
+
+
 def test_the_flash_backend_serves_through_the_engine(flash_f32, tiny_dir):
     """Chunked prefill (the chunk grows to the 256-position block), prefix reuse and batched
     decode through the engine, to the cpu backend's tokens."""
