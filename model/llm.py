@@ -254,14 +254,16 @@ class Attention(nn.Module):
         gqa = self.num_kv_heads != self.num_heads
         if step.positions is not None:  # decode: row i feeds one token at positions[i]
             real = step.positions.shape[0]  # rows past it only pad the batch (see `linear`)
-            cache.write(layer, *step.write_at, k[:real, :, 0].transpose(0, 1), v[:real, :, 0].transpose(0, 1))
+            if step.backend != "triton":  # the Triton kernel writes the new K/V itself
+                cache.write(layer, *step.write_at, k[:real, :, 0].transpose(0, 1), v[:real, :, 0].transpose(0, 1))
             if step.backend in ("triton", "flash"):  # read the blocks where they lie
                 if step.backend == "flash":
                     out = paged_attention_flash.attend(q[:real].transpose(1, 2), cache.k[layer], cache.v[layer],
                                                        step.tables, step.lengths)  # [B, 1, H, hd]
                 else:
                     out = paged_attention_triton.paged_decode(q[:real, :, 0], cache.k[layer], cache.v[layer],
-                                                              step.tables, step.lengths, splits=step.splits)
+                                                              step.tables, step.lengths, splits=step.splits,
+                                                              k_new=k[:real, :, 0], v_new=v[:real, :, 0])
                 out = out.reshape(real, t, -1)
                 if real < b:
                     out = torch.cat([out, out.new_zeros(b - real, t, out.shape[-1])])
@@ -574,14 +576,13 @@ class LlamaForCausalLM(nn.Module):
     def _paged_step(self, positions: torch.Tensor, tables: torch.Tensor, cache: KVCache) -> "Step":
         """A decode step through the Triton kernel (splits from shapes) or flash-attn (int32 tables
         and lengths, converted once a step): lengths on the device."""
-        write_at = cache.where(tables, positions)
         if self.attention_backend == "flash":
-            return Step(positions=positions, tables=tables.int(), write_at=write_at, backend="flash",
-                        lengths=(positions + 1).int())
+            return Step(positions=positions, tables=tables.int(), write_at=cache.where(tables, positions),
+                        backend="flash", lengths=(positions + 1).int())
         splits = paged_attention_triton.default_splits(tables.shape[0], self.cfg.num_key_value_heads,
                                                        tables.shape[1] * cache.block_size)
-        return Step(positions=positions, tables=tables, write_at=write_at, per_row=self.batch_invariant,
-                    lengths=positions + 1, splits=splits, backend="triton")
+        return Step(positions=positions, tables=tables, per_row=self.batch_invariant, lengths=positions + 1,
+                    splits=splits, backend="triton")  # the kernel writes the new K/V (no write_at)
 
 
 @dataclass
@@ -597,8 +598,9 @@ class Step:
     per_row: bool = False  # batch-invariant decode: row-invariant linears (packed, or padded to 4 rows)
     pad: torch.Tensor | None = None  # decode, batch-invariant: -inf on padding keys (see bucket_bias)
     # How this step attends (the model's backend): "sdpa" gathers; "cpu" (decode) has
-    # `model.paged_attention_cpu` write and attend (no write_at, no gather); "triton" (decode) and
-    # "flash" (decode and prefill) read the blocks where they lie, up to `lengths`.
+    # `model.paged_attention_cpu` write and attend (no write_at, no gather); "triton" (decode: its
+    # kernel writes the new K/V too, no write_at) and "flash" (decode and prefill) read the blocks
+    # where they lie, up to `lengths`.
     backend: str = "sdpa"
     kernel: object = None  # cpu: the step's paged_attention_cpu.DecodeStep, made by the first layer
     lengths: torch.Tensor | None = None  # triton, flash: keys per row `[B]`, the new ones included

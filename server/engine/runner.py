@@ -174,7 +174,8 @@ class ModelRunner:
     def _warm_up_paged(self) -> None:
         """The paged attention kernel run at the longest span, reading block 1 (scratch before
         serving) of layer 0 only, so that a failure here is the kernel's: both Triton kernels
-        compiled (one split, and split-K with its merge), or flash-attn's decode and chunk shapes."""
+        compiled as decode runs them (one split, and split-K with its merge; writing the new K/V),
+        or flash-attn's decode and chunk shapes."""
         from model import paged_attention_flash, paged_attention_triton
 
         cfg, cache = self.lm.cfg, self.cache
@@ -187,8 +188,10 @@ class ModelRunner:
                 paged_attention_flash.attend(q.unsqueeze(1).expand(1, queries, -1, -1).contiguous(), cache.k[0],
                                              cache.v[0], tables.int(), lengths.int())
             return
-        for splits in (1, 2):
-            paged_attention_triton.paged_decode(q, cache.k[0], cache.v[0], tables, lengths, splits=splits)
+        new = torch.zeros(1, cfg.num_key_value_heads, cfg.dim_head, dtype=cache.k.dtype, device=self.device)
+        for splits in (1, 2):  # the variant decode runs: it writes the new K/V (into scratch block 1 here)
+            paged_attention_triton.paged_decode(q, cache.k[0], cache.v[0], tables, lengths, splits=splits,
+                                                k_new=new, v_new=new)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -111,6 +111,43 @@ def test_keys_outside_a_sequence_are_never_read(kernel):
     assert torch.equal(kernel.paged_decode(q, dirty_k, dirty_v, tables, lens, splits=2), clean)
 
 
+WRITE_SHAPES = [(1, 4, 4, 16, [1]), (4, 8, 2, 32, [1, 16, 17, 300]), (3, 28, 4, 80, [64, 65, 513]),
+                (5, 6, 1, 32, [15, 16, 17, 48, 2])]
+
+
+@pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: f"b{s[0]}-h{s[1]}-kv{s[2]}-d{s[3]}-max{max(s[4])}")
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_writes_the_new_token_and_attends_to_it(kernel, shape, splits, dtype):
+    """With k_new/v_new the kernel stores them at each row's newest position (that slot holds NaN
+    before: it must never be read) and attends as if they had been written first. They arrive as
+    slices of one projection output, with strides of their own, as the model hands them over."""
+    batch, heads, kv_heads, hd, lengths = shape
+    q, k, v, tables, lens = _case(len(lengths) + splits, batch, heads, kv_heads, hd, lengths, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(batch, 3 * kv_heads + 1, hd, generator=g).to(dtype)  # [B, k heads | v heads | other, hd]
+    k_new, v_new = proj[:, :kv_heads], proj[:, 2 * kv_heads:3 * kv_heads]
+    want_k, want_v = k.clone(), v.clone()
+    for row, n in enumerate(lengths):
+        block, off = int(tables[row, (n - 1) // 16]), (n - 1) % 16
+        k[:, block, off] = float("nan")
+        v[:, block, off] = float("nan")
+        want_k[:, block, off] = k_new[row]
+        want_v[:, block, off] = v_new[row]
+    got = kernel.paged_decode(q, k, v, tables, lens, splits=splits, k_new=k_new, v_new=v_new)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)  # the new K/V written, nothing else touched
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    want = _reference(q, want_k, want_v, tables, lens)
+    assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (got.double() - want).abs().max()
+
+
+def test_new_keys_in_another_dtype_are_refused(kernel):
+    q, k, v, tables, lens = _case(1, 1, 4, 4, 16, [5])
+    with pytest.raises(ValueError, match="cache's dtype"):
+        kernel.paged_decode(q, k, v, tables, lens, k_new=torch.zeros(1, 4, 16, dtype=torch.float64),
+                            v_new=torch.zeros(1, 4, 16, dtype=torch.float64))
+
+
 def test_default_splits_fill_the_device_only_where_the_batch_does_not():
     from model.paged_attention_triton import default_splits
 
