@@ -71,8 +71,10 @@ def test_decode_graphs_replay_the_eager_step(tiny_dir, compiled, backend, monkey
     assert torch.equal(graph_cache.k[:, :, others], bystander)
 
 
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write-new"])
 @pytest.mark.parametrize("splits", [1, 8])
-def test_the_triton_kernel_on_the_device_equals_sdpa(splits):
+def test_the_triton_kernel_on_the_device_equals_sdpa(splits, write):
+    """Against SDPA; with `write` the kernel also stores the new K/V (the slot holds NaN before)."""
     import torch.nn.functional as F
 
     from model.paged_attention_triton import paged_decode
@@ -86,7 +88,19 @@ def test_the_triton_kernel_on_the_device_equals_sdpa(splits):
     k = torch.randn(hkv, b * nblk + 1, bs, hd, device="cuda", generator=g, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(b, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
-    got = paged_decode(q, k, v, tables, lengths, splits=splits).float()
+    new = {}
+    if write:
+        k_new = torch.randn(b, hkv, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+        v_new = torch.randn_like(k_new)
+        rows = torch.arange(b, device="cuda")
+        blocks, offsets = tables[rows, (lengths - 1) // bs].long(), ((lengths - 1) % bs).long()
+        k[:, blocks, offsets] = float("nan")
+        v[:, blocks, offsets] = float("nan")
+        new = dict(k_new=k_new, v_new=v_new)
+    got = paged_decode(q, k, v, tables, lengths, splits=splits, **new).float()
+    if write:
+        assert torch.equal(k[:, blocks, offsets], k_new.transpose(0, 1))
+        assert torch.equal(v[:, blocks, offsets], v_new.transpose(0, 1))
     keys = k[:, tables.long()].reshape(hkv, b, nblk * bs, hd).transpose(0, 1).float()
     values = v[:, tables.long()].reshape(hkv, b, nblk * bs, hd).transpose(0, 1).float()
     mask = (torch.arange(nblk * bs, device="cuda").view(1, -1) < lengths.view(-1, 1)).view(b, 1, 1, -1)
