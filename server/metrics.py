@@ -40,6 +40,9 @@ class Metrics:
                                      "that have not started (bounded by --vision-queue-mb)", registry=r)
         self.decode_graphs = Gauge("slime_decode_cuda_graphs", "Decode-step CUDA graphs captured (0: eager decode)",
                                    registry=r)
+        self.attention_backend = Gauge("slime_attention_backend_info", "The attention backend in use (value 1): "
+                                       "what auto chose, after any warm-up fallback", ["backend"], registry=r)
+        self._backend = ""
         self.batch_size = Histogram("slime_batch_size", "Sequences per decode forward",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.preprocess = Histogram("slime_image_preprocess_seconds", "Image decoding and slicing per request",
@@ -102,6 +105,11 @@ class Metrics:
         if stats.preemptions:
             self.preemptions.inc(stats.preemptions)
         self.decode_graphs.set(stats.cuda_graphs)
+        if stats.attention_backend and stats.attention_backend != self._backend:
+            if self._backend:
+                self.attention_backend.remove(self._backend)
+            self.attention_backend.labels(stats.attention_backend).set(1)
+            self._backend = stats.attention_backend
         self.vision_features.set(stats.vision_features_bytes)
         for hist, values in ((self.ttft, stats.ttft), (self.itl, stats.itl), (self.queue_time, stats.queue_time),
                              (self.vision, stats.vision_seconds), (self.batch_size, stats.batch_sizes)):

@@ -21,6 +21,7 @@ class StepStats:
         stats.prefix_queried_tokens, scheduler.prefix_queried = scheduler.prefix_queried, 0
         stats.prefix_hit_tokens, scheduler.prefix_hits = scheduler.prefix_hits, 0
         stats.cuda_graphs = runner.graphs.num_graphs if runner.graphs else 0
+        stats.attention_backend = runner.llm.attention_backend
         if vision is not None:
             stats.vision_features_bytes = vision.budget.held
             vision.budget.notify()  # a step may have started requests that held features

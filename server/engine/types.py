@@ -123,6 +123,7 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt positions looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of which found there (not computed again)
     cuda_graphs: int = 0
+    attention_backend: str = ""  # how the LLM attends now (model.execution; after any warm-up fallback)
     vision_features_bytes: int = 0  # encoded image features held by requests not started yet
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)

@@ -170,6 +170,26 @@ def test_engine_stats_cross_the_pipe_and_feed_the_registry():
     assert real.e2e._sum.get() == 1.5
 
 
+def test_the_attention_backend_info_follows_a_fallback():
+    """One series at a time: a report naming another backend moves the 1 to it; a report without
+    one (a bare report) changes nothing."""
+    from server.engine.types import EngineStats
+    from server.metrics import Metrics
+
+    real = Metrics()
+
+    def series():
+        return {s.labels["backend"]: s.value for m in real.registry.collect() if m.name == "slime_attention_backend_info"
+                for s in m.samples}
+
+    assert series() == {}
+    real.observe_engine(EngineStats(attention_backend="flash"))
+    assert series() == {"flash": 1}
+    real.observe_engine(EngineStats(attention_backend="triton"))
+    real.observe_engine(EngineStats())
+    assert series() == {"triton": 1}
+
+
 def _answer(url: str, body: dict) -> tuple[int, dict]:
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     data = r.json()

@@ -38,6 +38,9 @@ def test_the_gauges_move_with_load(tiny_dir, engine_process):
         config = [line for line in httpx.get(s.url + "/metrics").text.splitlines()
                   if line.startswith("vllm:cache_config_info{")]
         assert len(config) == 1 and 'block_size="16"' in config[0] and config[0].endswith(" 1.0")
+        backend = [line for line in httpx.get(s.url + "/metrics").text.splitlines()
+                   if line.startswith("slime_attention_backend_info{")]
+        assert backend == ['slime_attention_backend_info{backend="cpu"} 1.0']  # auto's choice on CPU float32
         seen: list[dict[str, float]] = []
 
         async def load():
