@@ -11,6 +11,7 @@ import torch
 
 from model.execution import Execution, choose
 from model.loading import LoadOptions, load_model
+from tests.model.greedy import greedy_tokens
 from tests.tools import missing_tool
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's kernels on CPU tensors
@@ -41,21 +42,6 @@ def test_the_cpu_backend_refuses_what_it_cannot_run(tiny_dir):
         load_model(tiny_dir, LoadOptions(device="cpu", dtype="bfloat16", attention_backend="cpu"))
 
 
-def _greedy(lm, prompts, steps: int = 12):
-    """Greedy tokens of each prompt, all decoded together as one batch each step."""
-    llm = lm.model.llm
-    cache = llm.new_cache(num_slots=len(prompts), max_len=256)
-    hidden = [llm.prefill(llm.embed(torch.tensor(p)), cache, slot=i, start=0) for i, p in enumerate(prompts)]
-    tokens = [[int(llm.logits(h).argmax())] for h in hidden]
-    positions = [len(p) for p in prompts]
-    for _ in range(steps):
-        hidden = llm.decode(llm.embed(torch.tensor([t[-1] for t in tokens])), positions, cache)
-        for t, row in zip(tokens, llm.logits(hidden).argmax(-1).tolist()):
-            t.append(row)
-        positions = [p + 1 for p in positions]
-    return tokens
-
-
 def test_every_backend_decodes_the_same_greedy_tokens(tiny_dir):
     from model import paged_attention_triton
 
@@ -67,7 +53,7 @@ def test_every_backend_decodes_the_same_greedy_tokens(tiny_dir):
         lm = load_model(tiny_dir, LoadOptions(device="cpu", attention_backend=backend))
         assert lm.model.llm.attention_backend == backend
         assert lm.model.llm.batch_invariant == (backend != "triton")
-        got[backend] = _greedy(lm, prompts)
+        got[backend], _ = greedy_tokens(lm, prompts, steps=12, max_len=256)
     assert got["triton"] == got["cpu"] == got["sdpa"]
 
 

@@ -19,6 +19,7 @@ from model.execution import choose
 from model.loading import LoadOptions, load_model
 from model.sampling import SamplingParams
 from tests.model import flash_attn_contract
+from tests.model.greedy import greedy_tokens
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fallback test runs its kernels on the CPU
 
@@ -131,31 +132,12 @@ def _flash_lm(tiny_dir):
     return lm
 
 
-def _greedy(lm, prompts, steps: int = 10, chunk: int = 256):
-    """Greedy tokens of each prompt, prefilled in chunks of `chunk`, decoded together."""
-    llm = lm.model.llm
-    cache = llm.new_cache(num_slots=len(prompts), max_len=640)
-    hidden = []
-    for slot, p in enumerate(prompts):
-        emb = llm.embed(torch.tensor(p))
-        for start in range(0, len(p), chunk):
-            h = llm.prefill(emb[start:start + chunk], cache, slot=slot, start=start)
-        hidden.append(h)
-    tokens = [[int(llm.logits(h).argmax())] for h in hidden]
-    positions = [len(p) for p in prompts]
-    for _ in range(steps):
-        hidden = llm.decode(llm.embed(torch.tensor([t[-1] for t in tokens])), positions, cache)
-        for t, row in zip(tokens, llm.logits(hidden).argmax(-1).tolist()):
-            t.append(row)
-        positions = [p + 1 for p in positions]
-    return tokens, cache.block_size
-
-
 def test_the_flash_backend_decodes_the_tiny_checkpoint_as_the_cpu_backend(flash_f32, tiny_dir):
     prompts = [[1] + [(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate((4, 250, 300, 520))]
-    got, block_size = _greedy(_flash_lm(tiny_dir), prompts)
+    got, block_size = greedy_tokens(_flash_lm(tiny_dir), prompts, steps=10, max_len=640, chunk=256)
     assert block_size == 256  # flash-attn's paged path takes multiples of 256
-    want, _ = _greedy(load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="cpu")), prompts)
+    want, _ = greedy_tokens(load_model(tiny_dir, LoadOptions(device="cpu", attention_backend="cpu")), prompts, steps=10,
+                            max_len=640, chunk=256)
     assert got == want
     assert any(c["queries"] > 1 and c["blocks"] > 1 for c in flash_f32)  # a later chunk over the cache
     assert any(c["queries"] == 1 and c["batch"] == 4 for c in flash_f32)  # batched decode
